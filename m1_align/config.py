@@ -1,0 +1,386 @@
+"""Typed experiment configs: one schema per stage, loaded from YAML with `key=value` overrides.
+
+A config file may inherit from others with `defaults: base.yaml` (or a list); later files and the
+command line override earlier ones, mapping by mapping. Every error is a single `ConfigError` line
+that names the file (or "command line"), the dotted key and what was expected.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+
+class ConfigError(ValueError):
+    """A config problem the user can fix; the message is one line."""
+
+
+class Section(BaseModel):
+    """Base for every schema: unknown keys are errors, assignments are validated."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+_SAFE_PATH = re.compile(r"^[\w./~+@:=-]+$")
+
+
+def _check_path(value: str | None) -> str | None:
+    """Paths end up in file names and subprocess arguments: allow only plain path characters."""
+    if value is not None and not _SAFE_PATH.match(value):
+        raise ValueError(
+            f"{value!r} is not a plain path: use letters, digits and . _ - / ~ + @ : = only (no spaces or quotes)"
+        )
+    return value
+
+
+# ---------------------------------------------------------------------------------------------
+# Shared sections
+# ---------------------------------------------------------------------------------------------
+
+
+class LoraConfig(Section):
+    enabled: bool = False  # train a LoRA adapter instead of all weights
+    r: int = Field(16, ge=1)  # adapter rank
+    alpha: int = Field(32, ge=1)  # scaling numerator (scale = alpha / r)
+    dropout: float = Field(0.05, ge=0, lt=1)
+    # Hybrid model names; for other HF models pass their projection names.
+    target_modules: list[str] = ["W_pack", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    merge_on_save: bool = False  # also write merged full weights next to the adapter
+
+
+class ModelConfig(Section):
+    # A Hugging Face model folder (ours or any causal LM), or "previous" to take the previous
+    # pipeline stage's output. Exactly one of path / preset is used; path wins.
+    path: str | None = None
+    preset: str | None = None  # in-repo hybrid preset when training from scratch: tiny | quickstart | baichuan-m1-14b
+    tokenizer: str | None = None  # tokenizer folder; default: the model folder
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
+    trust_remote_code: bool = False  # never on unless asked: it runs code from the model folder
+    gradient_checkpointing: bool = False
+    lora: LoraConfig = LoraConfig()
+
+    _paths = field_validator("path", "tokenizer")(_check_path)
+
+
+class DataConfig(Section):
+    builtin: bool = True  # build the offline medical datasets (m1_align.data) for this stage
+    cache_dir: str = "data_cache"  # where built datasets live (shared across runs)
+    train_file: str | None = None  # user data: JSONL, Parquet or a saved `datasets` folder
+    eval_file: str | None = None  # user held-out data in the same shape
+    max_per_task: int = Field(2000, ge=1)  # rows per task and training split in the built data
+    eval_per_task: int = Field(200, ge=1)  # rows per task in each held-out split
+    seed: int = 0  # data build seed (independent of the training seed)
+
+    _paths = field_validator("cache_dir", "train_file", "eval_file")(_check_path)
+
+
+class TrainConfig(Section):
+    learning_rate: float = Field(2e-5, gt=0)  # peak LR (the paper's SFT starts its cosine at 2e-5)
+    num_epochs: float = Field(1.0, gt=0)
+    max_steps: int = -1  # > 0 overrides num_epochs
+    batch_size: int = Field(8, ge=1)  # per device
+    gradient_accumulation_steps: int = Field(1, ge=1)
+    lr_scheduler: Literal["cosine", "wsd", "linear", "constant"] = "cosine"
+    warmup_ratio: float = Field(0.03, ge=0, le=1)
+    decay_ratio: float = Field(0.1, ge=0, le=1)  # wsd only: fraction of steps in the final decay
+    weight_decay: float = Field(0.0, ge=0)
+    adam_betas: tuple[float, float] = (0.9, 0.95)
+    max_grad_norm: float = Field(1.0, gt=0)
+    max_length: int = Field(1024, ge=8)  # tokens per sample (and per packed row)
+    save_steps: int = Field(200, ge=1)  # checkpoint every N optimiser steps
+    save_total_limit: int = Field(2, ge=1)  # keep the last K checkpoints
+    logging_steps: int = Field(10, ge=1)
+    eval_steps: int | None = None  # held-out loss every N steps (None: only at the end)
+    report_to: list[Literal["tensorboard", "wandb"]] = []  # metrics.jsonl is always written
+    deepspeed: str | None = None  # a DeepSpeed JSON config, e.g. configs/deepspeed/zero2.json
+    resume: bool = True  # continue from the last checkpoint in output_dir when there is one
+
+    _paths = field_validator("deepspeed")(_check_path)
+
+
+class RolloutConfig(Section):
+    engine: Literal["auto", "vllm", "hf"] = "auto"  # auto: vLLM when installed, else HF generate
+    temperature: float = Field(1.0, ge=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+    max_new_tokens: int = Field(128, ge=1)
+    kv_cache_gib: float = Field(1.0, gt=0)  # vLLM on CPU: VLLM_CPU_KVCACHE_SPACE
+    gpu_memory_utilization: float = Field(0.35, gt=0, le=1)  # vLLM on GPU, shared with the trainer
+    tensor_parallel_size: int = Field(1, ge=1)
+    enforce_eager: bool = True  # skip graph capture/compilation: starts in seconds
+    in_process: bool = True  # VLLM_ENABLE_V1_MULTIPROCESSING=0
+
+
+class StageConfig(Section):
+    """Fields every stage has."""
+
+    output_dir: str = "runs/default"  # the stage writes here; an existing finished output is never overwritten
+    overwrite: bool = False  # allow writing into an output_dir that holds a finished run
+    seed: int = 42
+    model: ModelConfig = ModelConfig()
+    data: DataConfig = DataConfig()
+    train: TrainConfig = TrainConfig()
+
+    _paths = field_validator("output_dir")(_check_path)
+
+
+# ---------------------------------------------------------------------------------------------
+# Stage schemas
+# ---------------------------------------------------------------------------------------------
+
+
+class DataStageConfig(StageConfig):
+    pass
+
+
+class PretrainSection(Section):
+    vocab_size: int = Field(4096, ge=300)  # byte-level BPE trained on the medical corpus
+    tokens_per_row: int = Field(256, ge=16)  # packed corpus rows
+
+
+class PretrainConfig(StageConfig):
+    pretrain: PretrainSection = PretrainSection()
+
+
+class SFTSection(Section):
+    packing: bool = True  # several conversations per row with sample masking (hybrid model default)
+    assistant_only_loss: bool = True
+
+
+class SFTConfig(StageConfig):
+    sft: SFTSection = SFTSection()
+
+
+class TDPOSection(Section):
+    loss: Literal["tdpo1", "tdpo2", "dpo"] = "tdpo2"
+    alpha: float = Field(0.5, ge=0)  # TDPO2 weight of the sequential-KL difference
+    beta: float = Field(0.1, gt=0)  # strength of the KL constraint
+    kl_chunk_size: int = Field(128, ge=1)  # positions per chunk of the full-vocabulary KL
+    ref_model: str | None = None  # default: a frozen copy of model.path (or the adapter-disabled policy)
+
+    _paths = field_validator("ref_model")(_check_path)
+
+
+class TDPOConfig(StageConfig):
+    tdpo: TDPOSection = TDPOSection()
+
+
+class ELOSection(Section):
+    k: int = Field(4, ge=2)  # reasoning paths sampled per question
+    baseline: Literal["mean", "leave_one_out"] = "mean"
+    lambda_answer: float = Field(0.0, ge=0)  # weight of the pathwise answer-likelihood term
+    answer_delimiter: str = "\nAnswer:"
+    length_normalize: bool = False  # divide r_k by the answer length
+    drop_degenerate: bool = True  # drop empty, truncated or repeating paths
+    kl_coef: float = Field(0.0, ge=0)  # optional KL penalty to the starting model
+    prompts_per_step: int = Field(8, ge=1)
+    epochs_per_batch: int = Field(1, ge=1)
+
+
+class ELOConfig(StageConfig):
+    elo: ELOSection = ELOSection()
+    rollout: RolloutConfig = RolloutConfig()
+
+
+class RewardSection(Section):
+    model: str | None = None  # learned reward model folder (for open questions)
+    mode: Literal["route", "rule", "model", "mix"] = "route"  # route: rule when verifiable, else model
+    rule_weight: float = Field(1.0, ge=0)  # mix only
+    model_weight: float = Field(1.0, ge=0)  # mix only
+    length_penalty: float = Field(0.0, ge=0)  # subtracted per response token
+    normalize: bool = False  # whiten scores per batch
+
+    _paths = field_validator("model")(_check_path)
+
+
+class PPOSection(Section):
+    prompts_per_step: int = Field(16, ge=1)
+    samples_per_prompt: int = Field(1, ge=1)
+    ppo_epochs: int = Field(2, ge=1)
+    minibatch_size: int = Field(8, ge=1)
+    clip_range: float = Field(0.2, gt=0)
+    value_clip_range: float = Field(0.2, gt=0)
+    vf_coef: float = Field(0.5, ge=0)
+    entropy_coef: float = Field(0.0, ge=0)
+    gamma: float = Field(1.0, ge=0, le=1)
+    lam: float = Field(0.95, ge=0, le=1)
+    kl_coef: float = Field(0.05, ge=0)
+    kl_estimator: Literal["k1", "k3"] = "k1"
+    adaptive_kl_target: float | None = None  # set to adapt kl_coef towards this KL
+    target_approx_kl: float | None = None  # stop an epoch early above this approximate KL
+    whiten_advantages: bool = True
+    missing_eos_penalty: float = Field(1.0, ge=0)
+    critic_from: Literal["reward_model", "policy"] = "policy"
+    critic_learning_rate: float = Field(1e-5, gt=0)
+
+
+class PPOConfig(StageConfig):
+    ppo: PPOSection = PPOSection()
+    reward: RewardSection = RewardSection()
+    rollout: RolloutConfig = RolloutConfig()
+
+
+class RMSection(Section):
+    margin_column: str | None = None  # optional per-pair margin in the data
+    center_rewards_coef: float | None = None
+
+
+class RMConfig(StageConfig):
+    rm: RMSection = RMSection()
+
+
+class EvalSection(Section):
+    mmlu_medical: bool = True
+    verifiable_sets: bool = True
+    max_new_tokens: int = Field(96, ge=1)
+    limit: int | None = None  # at most this many questions per benchmark
+    reward_model: str | None = None  # average RM score on open questions
+
+    _paths = field_validator("reward_model")(_check_path)
+
+
+class EvalConfig(StageConfig):
+    eval: EvalSection = EvalSection()
+    rollout: RolloutConfig = RolloutConfig(temperature=0.0)
+
+
+class PipelineStages(Section):
+    pretrain: PretrainConfig | None = None
+    sft: SFTConfig | None = None
+    elo: ELOConfig | None = None
+    tdpo: TDPOConfig | None = None
+    rm: RMConfig | None = None
+    ppo: PPOConfig | None = None
+
+
+class PipelineConfig(Section):
+    run_dir: str = "runs/quickstart"  # every stage writes run_dir/<stage>/
+    seed: int = 42
+    stages: PipelineStages = PipelineStages()
+    eval: EvalConfig = EvalConfig()
+
+    _paths = field_validator("run_dir")(_check_path)
+
+
+SCHEMAS: dict[str, type[BaseModel]] = {
+    "data": DataStageConfig,
+    "pretrain": PretrainConfig,
+    "sft": SFTConfig,
+    "elo": ELOConfig,
+    "tdpo": TDPOConfig,
+    "ppo": PPOConfig,
+    "rm": RMConfig,
+    "rm-eval": EvalConfig,
+    "eval": EvalConfig,
+    "pipeline": PipelineConfig,
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading
+# ---------------------------------------------------------------------------------------------
+
+
+def _read_yaml(path: Path, chain: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """Read one YAML file and everything it inherits through `defaults:`, merged in order."""
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    if path.resolve() in chain:
+        raise ConfigError(f"{path}: `defaults` forms a cycle ({' -> '.join(p.name for p in chain)})")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise ConfigError(f"{path}:{where}: malformed YAML ({problem})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of keys to values at the top level")
+    parents = data.pop("defaults", [])
+    merged: dict[str, Any] = {}
+    for parent in [parents] if isinstance(parents, str) else parents:
+        merged = deep_merge(merged, _read_yaml(path.parent / parent, (*chain, path.resolve())))
+    return deep_merge(merged, data)
+
+
+def deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def parse_overrides(overrides: list[str]) -> dict[str, Any]:
+    """`train.lr=1e-5 model.path=/ckpt` -> nested dict; values are parsed as YAML scalars/lists."""
+    nested: dict[str, Any] = {}
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key or not re.fullmatch(r"[A-Za-z_][\w-]*(\.[A-Za-z_][\w-]*)*", key):
+            raise ConfigError(f"command line: override {item!r} is not of the form dotted.key=value")
+        try:
+            value = yaml.safe_load(raw) if raw else ""
+        except yaml.YAMLError:
+            value = raw
+        node = nested
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"command line: {key!r} sets a key inside a value that is not a mapping")
+        node[leaf] = value
+    return nested
+
+
+def _known_keys(schema: type[BaseModel], prefix: str = "") -> list[str]:
+    keys = []
+    for name, field in schema.model_fields.items():
+        keys.append(prefix + name)
+        sub = field.annotation
+        for candidate in getattr(sub, "__args__", (sub,)):
+            if isinstance(candidate, type) and issubclass(candidate, BaseModel):
+                keys += _known_keys(candidate, f"{prefix}{name}.")
+    return keys
+
+
+def _describe(err: dict[str, Any], schema: type[BaseModel], source: str) -> str:
+    key = ".".join(str(p) for p in err["loc"])
+    if err["type"] == "extra_forbidden":
+        close = difflib.get_close_matches(key, _known_keys(schema), n=1, cutoff=0.6)
+        hint = f"; did you mean '{close[0]}'?" if close else ""
+        return f"unknown key '{key}' in {source}{hint}"
+    value = err.get("input")
+    shown = repr(value) if not isinstance(value, dict) else "a mapping"
+    return f"{source}: '{key}' {err['msg'].lower()} (got {shown})"
+
+
+def validate(schema: type[BaseModel], data: dict[str, Any], source: str) -> BaseModel:
+    try:
+        return schema.model_validate(data)
+    except ValidationError as exc:
+        errors = exc.errors()
+        # The same bad value can fail several union members; report the first distinct key.
+        raise ConfigError(_describe(errors[0], schema, source)) from None
+
+
+def load_config(stage: str, path: str | Path | None, overrides: list[str] = ()) -> BaseModel:
+    """Load, merge and validate the config of one stage; raises ConfigError with one clear line."""
+    schema = SCHEMAS[stage]
+    data = _read_yaml(Path(path)) if path else {}
+    source = str(path) if path else "the defaults"
+    validate(schema, data, source)  # file errors are reported against the file, not the command line
+    if overrides:
+        data = deep_merge(data, parse_overrides(list(overrides)))
+        source = f"{source} + command line"
+    return validate(schema, data, source)
+
+
+def dump_config(config: BaseModel) -> str:
+    """The merged config as YAML, with every default filled in; loads back to the same object."""
+    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)

@@ -1,0 +1,51 @@
+"""The CLI surface: help for every subcommand, --print-config, errors as one line, honest stubs."""
+
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from m1_align.cli import STAGES, main
+
+SUBCOMMANDS = [*STAGES, "data"]
+
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, "-m", "m1_align.cli", *args], capture_output=True, text=True)
+
+
+def test_help_lists_every_subcommand():
+    out = run_cli("--help")
+    assert out.returncode == 0
+    for name in ["sft", "elo", "tdpo", "ppo", "rm", "rm-eval", "eval", "pipeline", "data"]:
+        assert name in out.stdout
+
+
+@pytest.mark.parametrize("name", SUBCOMMANDS)
+def test_subcommand_help(name, capsys):
+    args = [name, "build", "--help"] if name == "data" else [name, "--help"]
+    with pytest.raises(SystemExit) as exit_:
+        main(args)
+    assert exit_.value.code == 0
+    assert "--print-config" in capsys.readouterr().out
+
+
+def test_print_config_applies_overrides(capsys):
+    assert main(["tdpo", "--print-config", "tdpo.beta=0.2"]) == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["tdpo"]["beta"] == 0.2 and printed["tdpo"]["loss"] == "tdpo2"
+
+
+def test_misspelt_key_gives_one_line_with_suggestion(tmp_path):
+    path = tmp_path / "x.yaml"
+    path.write_text("train:\n  lerning_rate: 1.0e-5\n")
+    out = run_cli("sft", str(path))
+    assert out.returncode == 2
+    assert out.stderr.strip() == f"error: unknown key 'train.lerning_rate' in {path}; did you mean 'train.learning_rate'?"
+
+
+@pytest.mark.parametrize("name", [n for n, (target, _) in STAGES.items() if target is None])
+def test_unbuilt_stage_says_so(name, capsys):
+    assert main([name]) == 2
+    assert "not built yet" in capsys.readouterr().err
