@@ -1,0 +1,102 @@
+"""TDPO (Zeng et al., ICML 2024) and DPO losses, written as in the paper.
+
+Notation (per preference pair, w = chosen, l = rejected, sums over response tokens only):
+    log ratio      r_y      = sum_t [log pi(y_t | x, y_<t) - log pi_ref(y_t | x, y_<t)]
+    sequential KL  SeqKL_y  = sum_t KL( pi_ref(. | x, y_<t) || pi(. | x, y_<t) )     (forward KL, full vocab)
+    u              = beta * (r_w - r_l)
+    TDPO1 loss     = -log sigmoid(u - beta * (SeqKL_l - SeqKL_w))
+    TDPO2 loss     = -log sigmoid(u - alpha * beta * (SeqKL_l - sg(SeqKL_w)))
+    DPO loss       = -log sigmoid(u)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+
+@dataclass
+class TokenTerms:
+    """Per-sequence sums over response tokens, each of shape [batch]."""
+
+    logratio: torch.Tensor  # sum_t log pi - log pi_ref of the taken tokens
+    sequential_kl: torch.Tensor  # sum_t KL(pi_ref || pi) over the whole vocabulary
+    logp: torch.Tensor  # sum_t log pi of the taken tokens
+    n_tokens: torch.Tensor
+
+
+def _chunk_token_terms(logits: torch.Tensor, ref_logits: torch.Tensor, labels: torch.Tensor):
+    # logits, ref_logits: [B, c, V]; labels: [B, c] (masked positions hold any valid id)
+    # at least float32 (bf16 log-softmax over a large vocabulary loses too much)
+    logp = logits.to(torch.promote_types(logits.dtype, torch.float32)).log_softmax(-1)
+    ref_logp = ref_logits.to(logp.dtype).log_softmax(-1)
+    kl = (ref_logp.exp() * (ref_logp - logp)).sum(-1)  # [B, c]
+    token_logp = logp.gather(-1, labels.unsqueeze(-1)).squeeze(-1)
+    ref_token_logp = ref_logp.gather(-1, labels.unsqueeze(-1)).squeeze(-1)
+    return kl, token_logp, ref_token_logp
+
+
+def token_terms(
+    logits: torch.Tensor, ref_logits: torch.Tensor, labels: torch.Tensor, chunk_size: int | None = 128
+) -> TokenTerms:
+    """Log ratios and sequential KLs from next-token logits.
+
+    logits, ref_logits: [B, T, V], where position t predicts labels[:, t] (already shifted).
+    labels: [B, T] with -100 on prompt and padding.
+    The float32 log-softmax of both models exists for one chunk of positions at a time; under
+    autograd each chunk is recomputed in the backward pass (activation checkpointing), so the peak
+    memory stays close to DPO's, which needs the policy's log-softmax anyway.
+    """
+    mask = labels != -100
+    safe_labels = labels.masked_fill(~mask, 0)
+    ref_logits = ref_logits.detach()
+    step = chunk_size or logits.shape[1]
+    kls, logps, ref_logps = [], [], []
+    for start in range(0, logits.shape[1], step):
+        piece = (logits[:, start : start + step], ref_logits[:, start : start + step], safe_labels[:, start : start + step])
+        if torch.is_grad_enabled() and logits.requires_grad and chunk_size:
+            out = checkpoint(_chunk_token_terms, *piece, use_reentrant=False)
+        else:
+            out = _chunk_token_terms(*piece)
+        kls.append(out[0])
+        logps.append(out[1])
+        ref_logps.append(out[2])
+    kl, logp, ref_logp = (torch.cat(parts, dim=1) * mask for parts in (kls, logps, ref_logps))
+    return TokenTerms(
+        logratio=(logp - ref_logp).sum(1),
+        sequential_kl=kl.sum(1),
+        logp=logp.sum(1),
+        n_tokens=mask.sum(1),
+    )
+
+
+def preference_loss(
+    chosen: TokenTerms, rejected: TokenTerms, loss: str = "tdpo2", beta: float = 0.1, alpha: float = 0.5
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Mean loss over pairs and the metrics the trainer logs."""
+    u = beta * (chosen.logratio - rejected.logratio)
+    if loss == "tdpo1":
+        delta = beta * (rejected.sequential_kl - chosen.sequential_kl)
+    elif loss == "tdpo2":
+        delta = alpha * beta * (rejected.sequential_kl - chosen.sequential_kl.detach())
+    elif loss == "dpo":
+        delta = torch.zeros_like(u)
+    else:
+        raise ValueError(f"unknown preference loss {loss!r}; expected tdpo1, tdpo2 or dpo")
+    losses = -F.logsigmoid(u - delta)
+    chosen_reward = beta * chosen.logratio.detach()
+    rejected_reward = beta * rejected.logratio.detach()
+    metrics = {
+        "rewards/chosen": chosen_reward.mean(),
+        "rewards/rejected": rejected_reward.mean(),
+        "rewards/margin": (chosen_reward - rejected_reward).mean(),
+        "rewards/accuracy": (chosen_reward > rejected_reward).float().mean(),
+        "seqkl/chosen": chosen.sequential_kl.detach().mean(),
+        "seqkl/rejected": rejected.sequential_kl.detach().mean(),
+        "logps/chosen": chosen.logp.detach().mean(),
+        "logps/rejected": rejected.logp.detach().mean(),
+    }
+    return losses.mean(), metrics
