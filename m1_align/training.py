@@ -1,0 +1,192 @@
+"""What the trainer-based stages (SFT, TDPO, RM) share: loading models, LoRA, HF training arguments,
+metrics.jsonl, resume and the final save. The algorithms live in their own folders."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import (
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    TrainerCallback,
+)
+
+from m1_align.config import LoraConfig, ModelConfig, StageConfig, dump_config
+from m1_align.runs import MetricsLogger, atomic_replace_dir, atomic_write_text
+
+CHECKPOINTS = "checkpoints"
+FINAL_MODEL = "model"
+
+
+class ModelPathError(FileNotFoundError):
+    pass
+
+
+def resolve_model_dir(path: str | Path) -> Path:
+    """A model folder, or a stage output folder holding one in `model/`."""
+    path = Path(path).expanduser()
+    if (path / FINAL_MODEL / "config.json").is_file():
+        return path / FINAL_MODEL
+    if (path / "config.json").is_file() or (path / "adapter_config.json").is_file():
+        return path
+    raise ModelPathError(
+        f"model path {path} holds no Hugging Face model (no config.json); point model.path at a model folder "
+        "or at a finished stage's output_dir"
+    )
+
+
+def resolve_dtype(name: str) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if torch.cuda.is_available() else torch.float32
+    return getattr(torch, name)
+
+
+def load_tokenizer(cfg: ModelConfig, model_dir: Path):
+    source = cfg.tokenizer or model_dir
+    tokenizer = AutoTokenizer.from_pretrained(str(source), trust_remote_code=cfg.trust_remote_code)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_model(cfg: ModelConfig, kind: str = "causal_lm", model_dir: Path | None = None, **kwargs: Any):
+    """Load the hybrid model or any HF model; registers the hybrid model with the Auto classes first."""
+    import m1_align.model  # noqa: F401  (registers baichuan_m1 with AutoConfig / AutoModel*)
+
+    model_dir = model_dir or resolve_model_dir(cfg.path)
+    auto = AutoModelForCausalLM if kind == "causal_lm" else AutoModelForSequenceClassification
+    model = auto.from_pretrained(
+        str(model_dir), dtype=resolve_dtype(cfg.dtype), trust_remote_code=cfg.trust_remote_code, **kwargs
+    )
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
+    return model
+
+
+def peft_config(lora: LoraConfig, task_type: str = "CAUSAL_LM"):
+    from peft import LoraConfig as PeftLoraConfig
+
+    return PeftLoraConfig(
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=list(lora.target_modules),
+        task_type=task_type,
+    )
+
+
+def training_arguments(cfg: StageConfig, output_dir: Path) -> dict[str, Any]:
+    """Our TrainConfig as keyword arguments of transformers' TrainingArguments (and TRL's configs)."""
+    train = cfg.train
+    scheduler = {"cosine": "cosine", "wsd": "warmup_stable_decay", "linear": "linear", "constant": "constant_with_warmup"}
+    dtype = resolve_dtype(cfg.model.dtype)
+    return dict(
+        output_dir=str(output_dir / CHECKPOINTS),
+        learning_rate=train.learning_rate,
+        num_train_epochs=train.num_epochs,
+        max_steps=train.max_steps,
+        per_device_train_batch_size=train.batch_size,
+        per_device_eval_batch_size=train.batch_size,
+        gradient_accumulation_steps=train.gradient_accumulation_steps,
+        lr_scheduler_type=scheduler[train.lr_scheduler],
+        warmup_steps=train.warmup_ratio,  # a float below 1 is a ratio of the total steps
+        weight_decay=train.weight_decay,
+        adam_beta1=train.adam_betas[0],
+        adam_beta2=train.adam_betas[1],
+        max_grad_norm=train.max_grad_norm,
+        save_strategy="steps",
+        save_steps=train.save_steps,
+        save_total_limit=train.save_total_limit,
+        logging_steps=train.logging_steps,
+        eval_strategy="steps" if train.eval_steps else "no",
+        eval_steps=train.eval_steps,
+        report_to=list(train.report_to) or "none",
+        logging_dir=str(output_dir / "tensorboard"),
+        deepspeed=train.deepspeed,
+        seed=cfg.seed,
+        data_seed=cfg.seed,
+        bf16=dtype == torch.bfloat16,
+        use_cpu=not torch.cuda.is_available(),
+        gradient_checkpointing=cfg.model.gradient_checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False} if cfg.model.gradient_checkpointing else None,
+        dataloader_num_workers=0,
+        remove_unused_columns=False,
+    )
+
+
+class WSDScheduleMixin:
+    """transformers' WSD schedule wants a decay length in steps; we configure it as a ratio."""
+
+    decay_ratio: float = 0.1
+
+    def create_scheduler(self, num_training_steps: int, optimizer=None):
+        if self.args.lr_scheduler_type == "warmup_stable_decay":
+            self.args.lr_scheduler_kwargs = {"num_decay_steps": max(1, int(self.decay_ratio * num_training_steps))}
+        return super().create_scheduler(num_training_steps, optimizer)
+
+
+def last_checkpoint(output_dir: Path) -> str | None:
+    """The newest complete checkpoint (trainer_state.json is written last); partial ones are removed."""
+    root = output_dir / CHECKPOINTS
+    if not root.is_dir():
+        return None
+    found = sorted(root.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]))
+    for path in reversed(found):
+        if (path / "trainer_state.json").is_file():
+            return str(path)
+        shutil.rmtree(path, ignore_errors=True)  # interrupted while saving
+    return None
+
+
+class MetricsCallback(TrainerCallback):
+    """Mirrors the trainer's logs into metrics.jsonl (always) and adds tokens/s."""
+
+    def __init__(self, logger: MetricsLogger):
+        self.logger = logger
+        self._last = (time.time(), 0)
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.logger.truncate_after(state.global_step)
+        self._last = (time.time(), 0)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not state.is_world_process_zero or not logs:
+            return
+        record = {k: v for k, v in logs.items() if isinstance(v, int | float)}
+        if "num_tokens" in record:
+            now, tokens = time.time(), record["num_tokens"]
+            last_time, last_tokens = self._last
+            if last_tokens and now > last_time:
+                record["tokens_per_s"] = (tokens - last_tokens) / (now - last_time)
+            self._last = (now, tokens)
+        self.logger.log(state.global_step, **record)
+
+
+def save_final(trainer, tokenizer, cfg: StageConfig, output_dir: Path) -> Path:
+    """Write the final model (HF format, safetensors) with its tokenizer and config, atomically."""
+    final = output_dir / FINAL_MODEL
+    tmp = output_dir / f".{FINAL_MODEL}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    trainer.save_model(str(tmp))
+    model = trainer.model
+    if cfg.model.lora.enabled and cfg.model.lora.merge_on_save and hasattr(model, "merge_and_unload"):
+        merged_dir = output_dir / f".{FINAL_MODEL}-merged.tmp"
+        merged = model.merge_and_unload() if not hasattr(model, "module") else model.module.merge_and_unload()
+        merged.save_pretrained(str(merged_dir), safe_serialization=True)
+        tokenizer.save_pretrained(str(merged_dir))
+        atomic_replace_dir(merged_dir, output_dir / f"{FINAL_MODEL}-merged")
+    tokenizer.save_pretrained(str(tmp))
+    atomic_write_text(tmp / "m1_align_config.yaml", dump_config(cfg))
+    atomic_replace_dir(tmp, final)
+    return final
+
+
+def write_json(path: Path, obj: Any) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2, default=float) + "\n")
