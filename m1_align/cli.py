@@ -13,10 +13,10 @@ from m1_align.config import ConfigError, dump_config, load_config
 STAGES: dict[str, tuple[str | None, str]] = {
     "pretrain": ("m1_align.sft.pretrain:run", "train the tokenizer and a tiny hybrid base model on the medical corpus"),
     "sft": ("m1_align.sft.trainer:run", "supervised fine-tuning on conversations (loss on assistant tokens)"),
-    "elo": (None, "exploratory log-likelihood optimisation over sampled reasoning paths (issue #9)"),
+    "elo": ("m1_align.rl.elo:run", "exploratory log-likelihood optimisation over sampled reasoning paths (issue #9)"),
     "tdpo": ("m1_align.preference.trainer:run", "token-level DPO (TDPO1/TDPO2) or plain DPO on preference pairs"),
-    "ppo": (None, "PPO with rule rewards and the medical reward model, vLLM rollouts (issue #10)"),
-    "rm": (None, "train a Bradley-Terry reward model on preference pairs (issue #7)"),
+    "ppo": ("m1_align.rl.ppo:run", "PPO with rule rewards and the medical reward model, vLLM rollouts (issue #10)"),
+    "rm": ("m1_align.reward_models.trainer:run", "train a Bradley-Terry reward model on preference pairs (issue #7)"),
     "rm-eval": (None, "evaluate a reward model: accuracy, calibration, length bias (issue #7)"),
     "eval": (None, "held-out medical evaluation of a model or run dir (issue #11)"),
     "pipeline": (None, "pretrain -> SFT -> ELO -> TDPO -> RM -> PPO, evaluated after every stage (issue #11)"),

@@ -96,6 +96,7 @@ class TrainConfig(Section):
     save_total_limit: int = Field(2, ge=1)  # keep the last K checkpoints
     logging_steps: int = Field(10, ge=1)
     eval_steps: int | None = None  # held-out loss every N steps (None: only at the end)
+    eval_max_new_tokens: int = Field(96, ge=1)  # generation length for held-out answer accuracy
     report_to: list[Literal["tensorboard", "wandb"]] = []  # metrics.jsonl is always written
     deepspeed: str | None = None  # a DeepSpeed JSON config, e.g. configs/deepspeed/zero2.json
     resume: bool = True  # continue from the last checkpoint in output_dir when there is one

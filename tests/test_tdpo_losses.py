@@ -50,13 +50,8 @@ def by_hand(logits, ref_logits, labels, loss, beta, alpha):
 
 
 def ours(logits, ref_logits, labels, loss, beta, alpha, chunk_size):
-    terms = token_terms(logits, ref_logits, labels, chunk_size=chunk_size)
-    split = lambda x: (x[:B], x[B:])  # noqa: E731
-    chosen, rejected = ({k: split(getattr(terms, k))[j] for k in ("logratio", "sequential_kl", "logp", "n_tokens")} for j in (0, 1))
-    from m1_align.preference.losses import TokenTerms
-
-    value, metrics = preference_loss(TokenTerms(**chosen), TokenTerms(**rejected), loss=loss, beta=beta, alpha=alpha)
-    return value, metrics
+    chosen, rejected = token_terms(logits, ref_logits, labels, chunk_size=chunk_size).halves()
+    return preference_loss(chosen, rejected, loss=loss, beta=beta, alpha=alpha)
 
 
 @pytest.mark.parametrize("loss", ["tdpo1", "tdpo2", "dpo"])

@@ -27,6 +27,11 @@ class TokenTerms:
     logp: torch.Tensor  # sum_t log pi of the taken tokens
     n_tokens: torch.Tensor
 
+    def halves(self) -> tuple[TokenTerms, TokenTerms]:
+        """Split a [chosen; rejected] batch into its two halves."""
+        first, second = ({k: v.chunk(2)[i] for k, v in vars(self).items()} for i in (0, 1))
+        return TokenTerms(**first), TokenTerms(**second)
+
 
 def _chunk_token_terms(logits: torch.Tensor, ref_logits: torch.Tensor, labels: torch.Tensor):
     # logits, ref_logits: [B, c, V]; labels: [B, c] (masked positions hold any valid id)

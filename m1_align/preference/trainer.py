@@ -1,0 +1,133 @@
+"""`m1-align tdpo`: TDPO1 / TDPO2 (and DPO as the baseline) on TRL's DPOTrainer.
+
+TRL tokenises the pairs and batches them as [chosen; rejected] with a completion mask; we replace
+its loss with ours (m1_align/preference/losses.py), which needs the reference model's whole
+next-token distribution, so the reference runs live on every batch (no precomputed log-probs).
+Built on TRL 1.16.0's private `_compute_loss` hook: the version is pinned in pyproject.toml.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from pathlib import Path
+
+import torch
+from accelerate.utils import is_peft_model
+from trl import DPOConfig, DPOTrainer
+from trl.models.utils import disable_gradient_checkpointing
+from trl.trainer.utils import use_adapter
+
+from m1_align.config import TDPOConfig
+from m1_align.data.stage_data import eval_rows, preference_datasets
+from m1_align.evaluation.verifiable import answer_accuracy
+from m1_align.preference.losses import preference_loss, token_terms
+from m1_align.runs import MetricsLogger, StageResult, prepare_output_dir
+from m1_align.training import (
+    MetricsCallback,
+    WSDScheduleMixin,
+    last_checkpoint,
+    load_model,
+    load_tokenizer,
+    peft_config,
+    resolve_model_dir,
+    save_final,
+    training_arguments,
+    write_json,
+)
+
+
+class TDPOTrainer(WSDScheduleMixin, DPOTrainer):
+    def __init__(self, *args, tdpo_loss: str = "tdpo2", alpha: float = 0.5, kl_chunk_size: int = 128, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.tdpo_loss, self.alpha, self.kl_chunk_size = tdpo_loss, alpha, kl_chunk_size
+
+    def _reference_logits(self, model_inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        if self.ref_model is not None:
+            return self.ref_model(**model_inputs).logits
+        # LoRA: the reference is the same network with the adapter switched off.
+        unwrapped = self.accelerator.unwrap_model(self.model)
+        name = "ref" if "ref" in unwrapped.peft_config else None
+        with use_adapter(unwrapped, adapter_name=name):
+            return self.model(**model_inputs).logits
+
+    def _compute_loss(self, model, inputs, return_outputs):
+        mode = "train" if self.model.training else "eval"
+        completion_mask = inputs["completion_mask"]  # [2B, T]: 1 on response tokens
+        model_inputs = {"input_ids": inputs["input_ids"], "attention_mask": inputs["attention_mask"], "use_cache": False}
+        # position t predicts token t+1
+        labels = inputs["input_ids"].masked_fill(completion_mask == 0, -100)[:, 1:]
+        outputs = model(**model_inputs)
+        logits = outputs.logits[:, :-1]  # [2B, T-1, V]
+        peft = is_peft_model(self.accelerator.unwrap_model(self.model)) and self.ref_model is None
+        no_ckpt = disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs)
+        with torch.no_grad(), no_ckpt if peft else contextlib.nullcontext():
+            ref_logits = self._reference_logits(model_inputs)[:, :-1]
+        chosen, rejected = token_terms(logits, ref_logits, labels, chunk_size=self.kl_chunk_size).halves()
+        loss, metrics = preference_loss(chosen, rejected, loss=self.tdpo_loss, beta=self.beta, alpha=self.alpha)
+
+        for key, value in metrics.items():
+            self._metrics[mode][key].append(self.accelerator.gather_for_metrics(value).mean().item())
+        if mode == "train":
+            self._total_train_tokens += self.accelerator.gather_for_metrics(inputs["attention_mask"].sum()).sum().item()
+            self._metrics[mode]["num_tokens"] = [self._total_train_tokens]
+        return (loss, outputs) if return_outputs else loss
+
+
+def build_trainer(cfg: TDPOConfig, output_dir: Path, logger: MetricsLogger):
+    model_dir = resolve_model_dir(cfg.model.path)
+    tokenizer = load_tokenizer(cfg.model, model_dir)
+    train_dataset, eval_dataset = preference_datasets(cfg)
+    policy = load_model(cfg.model, model_dir=model_dir)
+    ref_model = None
+    if not cfg.model.lora.enabled:
+        ref_dir = resolve_model_dir(cfg.tdpo.ref_model) if cfg.tdpo.ref_model else model_dir
+        ref_model = load_model(cfg.model.model_copy(update={"gradient_checkpointing": False}), model_dir=ref_dir)
+        ref_model.requires_grad_(False).eval()
+    args = DPOConfig(
+        **training_arguments(cfg, output_dir),
+        beta=cfg.tdpo.beta,
+        max_length=cfg.train.max_length,
+        precompute_ref_log_probs=False,
+    )
+    trainer = TDPOTrainer(
+        model=policy,
+        ref_model=ref_model,
+        args=args,
+        train_dataset=train_dataset,
+        eval_dataset=eval_dataset,
+        processing_class=tokenizer,
+        peft_config=peft_config(cfg.model.lora) if cfg.model.lora.enabled else None,
+        callbacks=[MetricsCallback(logger)],
+        tdpo_loss=cfg.tdpo.loss,
+        alpha=cfg.tdpo.alpha,
+        kl_chunk_size=cfg.tdpo.kl_chunk_size,
+    )
+    trainer.decay_ratio = cfg.train.decay_ratio
+    return trainer, tokenizer
+
+
+def run(cfg: TDPOConfig) -> StageResult:
+    start = time.time()
+    output_dir = prepare_output_dir(cfg.output_dir, cfg.overwrite)
+    logger = MetricsLogger(output_dir, run_name="tdpo")
+    trainer, tokenizer = build_trainer(cfg, output_dir, logger)
+    metrics = {}
+    if trainer.eval_dataset is not None:
+        before = trainer.evaluate()
+        metrics.update({"before/" + k.removeprefix("eval_"): v for k, v in before.items() if k.startswith("eval_rewards")})
+    resume = last_checkpoint(output_dir) if cfg.train.resume else None
+    train_output = trainer.train(resume_from_checkpoint=resume)
+    save_final(trainer, tokenizer, cfg, output_dir)
+
+    metrics.update({"train_loss": train_output.training_loss, "steps": trainer.state.global_step})
+    if trainer.eval_dataset is not None:
+        after = trainer.evaluate()
+        metrics.update({k.removeprefix("eval_"): v for k, v in after.items() if k.startswith(("eval_rewards", "eval_seqkl", "eval_loss"))})
+    metrics.update(answer_accuracy(trainer.model, tokenizer, eval_rows(cfg), max_new_tokens=cfg.train.eval_max_new_tokens))
+    logger.log(trainer.state.global_step, **metrics)
+    logger.close()
+    write_json(output_dir / "eval.json", metrics)
+    result = StageResult("tdpo", str(output_dir), metrics, time.time() - start)
+    result.save()
+    return result

@@ -1,0 +1,89 @@
+"""Pieces the online RL stages (ELO, PPO) share: token log-probs, batching, resumable checkpoints."""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from m1_align.runs import atomic_replace_dir
+
+CHECKPOINT_DIR = "checkpoint"
+
+
+def token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """log p(x_{t+1} | x_<=t) for every position: [B, T-1], float32."""
+    logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits[:, :-1]
+    logp = logits.float().log_softmax(-1)
+    return logp.gather(-1, input_ids[:, 1:].unsqueeze(-1)).squeeze(-1)
+
+
+def right_pad(rows: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        ids[i, : len(row)] = torch.tensor(row)
+        mask[i, : len(row)] = 1
+    return ids.to(device), mask.to(device)
+
+
+def span_mask(spans: list[tuple[int, int]], width: int, device) -> torch.Tensor:
+    """[B, width-1] mask over next-token positions: 1 where the predicted token lies in [start, end)."""
+    mask = torch.zeros((len(spans), width - 1), device=device)
+    for i, (start, end) in enumerate(spans):
+        mask[i, max(start - 1, 0) : end - 1] = 1
+    return mask
+
+
+def _save_rng(path: Path) -> None:
+    # JSON and a plain tensor, so resuming never needs to unpickle anything.
+    version, state, gauss = random.getstate()
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    path.joinpath("rng.json").write_text(
+        json.dumps({"python": [version, list(state), gauss], "numpy": [kind, keys.tolist(), pos, has_gauss, cached]})
+    )
+    torch.save(torch.get_rng_state(), path / "torch_rng.pt")
+
+
+def _load_rng(path: Path) -> None:
+    saved = json.loads(path.joinpath("rng.json").read_text())
+    version, state, gauss = saved["python"]
+    random.setstate((version, tuple(state), gauss))
+    kind, keys, pos, has_gauss, cached = saved["numpy"]
+    np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(torch.load(path / "torch_rng.pt", weights_only=True))
+
+
+def save_checkpoint(output_dir: Path, step: int, models: dict[str, Any], optimizers: dict[str, Any], state: dict) -> None:
+    """Model weights (safetensors), optimiser states and loop state, swapped in atomically."""
+    final = output_dir / CHECKPOINT_DIR
+    tmp = output_dir / f".{CHECKPOINT_DIR}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    for name, model in models.items():
+        model.save_pretrained(str(tmp / name), safe_serialization=True)
+    torch.save({name: opt.state_dict() for name, opt in optimizers.items()}, tmp / "optimizers.pt")
+    _save_rng(tmp)
+    (tmp / "state.json").write_text(json.dumps({"step": step, **state}, indent=2))
+    atomic_replace_dir(tmp, final)
+
+
+def load_checkpoint(output_dir: Path) -> dict[str, Any] | None:
+    """The loop state of the last checkpoint, or None; restores RNG state. Weights are loaded by the caller."""
+    path = output_dir / CHECKPOINT_DIR
+    if not (path / "state.json").is_file():
+        return None
+    _load_rng(path)
+    return json.loads((path / "state.json").read_text())
+
+
+def load_optimizers(output_dir: Path, optimizers: dict[str, Any]) -> None:
+    states = torch.load(output_dir / CHECKPOINT_DIR / "optimizers.pt", weights_only=True)
+    for name, opt in optimizers.items():
+        opt.load_state_dict(states[name])

@@ -1,0 +1,81 @@
+"""`m1-align sft`: supervised fine-tuning with TRL's SFTTrainer.
+
+TRL does the tokenisation, the assistant-only loss mask and the packing (best-fit decreasing into
+padding-free rows whose position ids restart at every sample; the hybrid model turns those restarts
+into sample masking for attention and the K/V convolution). We add the config, the data, resume,
+metrics.jsonl, the atomic final save and the held-out evaluation.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from trl import SFTConfig as TRLSFTConfig
+from trl import SFTTrainer
+
+from m1_align.config import SFTConfig
+from m1_align.data.stage_data import eval_rows, sft_datasets
+from m1_align.evaluation.verifiable import answer_accuracy
+from m1_align.runs import MetricsLogger, StageResult, prepare_output_dir
+from m1_align.training import (
+    MetricsCallback,
+    WSDScheduleMixin,
+    last_checkpoint,
+    load_model,
+    load_tokenizer,
+    peft_config,
+    resolve_model_dir,
+    save_final,
+    training_arguments,
+    write_json,
+)
+
+
+class M1SFTTrainer(WSDScheduleMixin, SFTTrainer):
+    pass
+
+
+def build_trainer(cfg: SFTConfig, output_dir: Path, logger: MetricsLogger):
+    model_dir = resolve_model_dir(cfg.model.path)
+    tokenizer = load_tokenizer(cfg.model, model_dir)
+    train_dataset, eval_dataset = sft_datasets(cfg)
+    args = TRLSFTConfig(
+        **training_arguments(cfg, output_dir),
+        max_length=cfg.train.max_length,
+        packing=cfg.sft.packing,
+        assistant_only_loss=cfg.sft.assistant_only_loss,
+        eos_token=tokenizer.eos_token,
+    )
+    trainer = M1SFTTrainer(
+        model=load_model(cfg.model, model_dir=model_dir),
+        args=args,
+        train_dataset=train_dataset,
+        eval_dataset=eval_dataset,
+        processing_class=tokenizer,
+        peft_config=peft_config(cfg.model.lora) if cfg.model.lora.enabled else None,
+        callbacks=[MetricsCallback(logger)],
+    )
+    trainer.decay_ratio = cfg.train.decay_ratio
+    return trainer, tokenizer
+
+
+def run(cfg: SFTConfig) -> StageResult:
+    start = time.time()
+    output_dir = prepare_output_dir(cfg.output_dir, cfg.overwrite)
+    logger = MetricsLogger(output_dir, run_name="sft")
+    trainer, tokenizer = build_trainer(cfg, output_dir, logger)
+    resume = last_checkpoint(output_dir) if cfg.train.resume else None
+    train_output = trainer.train(resume_from_checkpoint=resume)
+    save_final(trainer, tokenizer, cfg, output_dir)
+
+    metrics = {"train_loss": train_output.training_loss, "steps": trainer.state.global_step}
+    if trainer.eval_dataset is not None:
+        metrics["eval_loss"] = trainer.evaluate()["eval_loss"]
+    metrics.update(answer_accuracy(trainer.model, tokenizer, eval_rows(cfg), max_new_tokens=cfg.train.eval_max_new_tokens))
+    logger.log(trainer.state.global_step, **metrics)
+    logger.close()
+    write_json(output_dir / "eval.json", metrics)
+    result = StageResult("sft", str(output_dir), metrics, time.time() - start)
+    result.save()
+    return result
