@@ -141,6 +141,7 @@ class DataStageConfig(StageConfig):
 class PretrainSection(Section):
     vocab_size: int = Field(4096, ge=300)  # byte-level BPE trained on the medical corpus
     tokens_per_row: int = Field(256, ge=16)  # packed corpus rows
+    heldout_texts: int = Field(256, ge=1)  # held-out corpus texts for the perplexity
 
 
 class PretrainConfig(StageConfig):
@@ -235,18 +236,36 @@ class RMConfig(StageConfig):
 
 
 class EvalSection(Section):
-    mmlu_medical: bool = True
-    verifiable_sets: bool = True
+    mmlu_medical: bool = True  # MMLU's six medical subjects: generated letter and option log-likelihood
+    verifiable_sets: bool = True  # the held-out verifiable questions (split `eval` or data.eval_file)
     max_new_tokens: int = Field(96, ge=1)
-    limit: int | None = None  # at most this many questions per benchmark
+    limit: int | None = Field(None, ge=1)  # at most this many questions per benchmark
+    batch_size: int = Field(8, ge=1)  # sequences per generation / scoring batch
+    max_length: int = Field(1024, ge=8)  # tokens per conversation the reward model scores
     reward_model: str | None = None  # average RM score on open questions
 
     _paths = field_validator("reward_model")(_check_path)
 
 
 class EvalConfig(StageConfig):
+    # model.path: a model folder, a finished stage's output_dir, or a pipeline run_dir (its last
+    # finished policy stage).
+    output_dir: str | None = None  # unset: <stage dir>/eval, else runs/eval/<model folder name>
     eval: EvalSection = EvalSection()
     rollout: RolloutConfig = RolloutConfig(temperature=0.0)
+
+
+class RMEvalConfig(Section):
+    # model.path: a reward model folder or a finished `rm` stage's output_dir.
+    model: ModelConfig = ModelConfig()
+    # data.eval_file: pairs to score (ours or RewardBench-style); unset: the built `eval_preference` split.
+    data: DataConfig = DataConfig()
+    output_dir: str | None = None  # unset: <rm stage dir>/rm_eval, else runs/rm-eval/<model name>
+    max_length: int = Field(1024, ge=8)  # tokens per scored conversation
+    batch_size: int = Field(16, ge=1)
+    limit: int | None = Field(None, ge=1)  # at most this many pairs, spread over the subsets
+
+    _paths = field_validator("output_dir")(_check_path)
 
 
 class PipelineStages(Section):
@@ -259,10 +278,15 @@ class PipelineStages(Section):
 
 
 class PipelineConfig(Section):
+    """Stages run in the order pretrain, sft, elo, tdpo, rm, ppo; a stage left out is skipped. Within a
+    stage, output_dir, seed and data default to the pipeline's, and model.path to the previous
+    policy stage's output (rm and ppo's critic start from the policy; ppo's reward.model from rm)."""
+
     run_dir: str = "runs/quickstart"  # every stage writes run_dir/<stage>/
     seed: int = 42
+    data: DataConfig = DataConfig()
     stages: PipelineStages = PipelineStages()
-    eval: EvalConfig = EvalConfig()
+    eval: EvalConfig = EvalConfig()  # run after every stage on its model
 
     _paths = field_validator("run_dir")(_check_path)
 
@@ -275,7 +299,7 @@ SCHEMAS: dict[str, type[BaseModel]] = {
     "tdpo": TDPOConfig,
     "ppo": PPOConfig,
     "rm": RMConfig,
-    "rm-eval": EvalConfig,
+    "rm-eval": RMEvalConfig,
     "eval": EvalConfig,
     "pipeline": PipelineConfig,
 }

@@ -108,7 +108,6 @@ def training_arguments(cfg: StageConfig, output_dir: Path) -> dict[str, Any]:
         eval_strategy="steps" if train.eval_steps else "no",
         eval_steps=train.eval_steps,
         report_to=list(train.report_to) or "none",
-        logging_dir=str(output_dir / "tensorboard"),
         deepspeed=train.deepspeed,
         seed=cfg.seed,
         data_seed=cfg.seed,

@@ -67,7 +67,7 @@ def run(cfg: PretrainConfig) -> StageResult:
     data_dir = built_dir(cfg)
     tokenizer = tokenizer_for(cfg, data_dir, output_dir)
     train = Dataset.from_dict({"text": list(corpus_texts(data_dir, "train"))}).shuffle(seed=cfg.seed)
-    heldout = Dataset.from_dict({"text": list(corpus_texts(data_dir, "heldout"))})
+    heldout = Dataset.from_dict({"text": list(corpus_texts(data_dir, "heldout"))[: cfg.pretrain.heldout_texts]})
 
     logger = MetricsLogger(output_dir, run_name="pretrain")
     args = TRLSFTConfig(

@@ -1,0 +1,114 @@
+"""`m1-align pipeline`: pretrain -> SFT -> ELO -> TDPO -> RM -> PPO in one run directory.
+
+Each stage reads the previous stage's output, is evaluated when it finishes, and is skipped on a
+re-run once finished (its result.json exists); an interrupted stage resumes from its checkpoint.
+At the end run_dir/report.md gathers every stage's metrics, curves and timings.
+"""
+
+from __future__ import annotations
+
+import importlib
+import time
+from pathlib import Path
+
+from m1_align.cli import STAGES
+from m1_align.config import PipelineConfig, StageConfig, dump_config
+from m1_align.runs import StageResult, atomic_write_text
+
+ORDER = ("pretrain", "sft", "elo", "tdpo", "rm", "ppo")
+POLICY_STAGES = ("pretrain", "sft", "elo", "tdpo", "ppo")
+
+
+def _runner(stage: str):
+    module_name, func = STAGES[stage][0].split(":")
+    return getattr(importlib.import_module(module_name), func)
+
+
+def stage_configs(cfg: PipelineConfig) -> dict[str, StageConfig]:
+    """Fill in what each stage takes from the pipeline and from the stages before it."""
+    run_dir = Path(cfg.run_dir)
+    out: dict[str, StageConfig] = {}
+    policy = None  # output dir of the last policy stage
+    for name in ORDER:
+        stage = getattr(cfg.stages, name)
+        if stage is None:
+            continue
+        update: dict = {}
+        if "output_dir" not in stage.model_fields_set:
+            update["output_dir"] = str(run_dir / name)
+        if "seed" not in stage.model_fields_set:
+            update["seed"] = cfg.seed
+        if "data" not in stage.model_fields_set:
+            update["data"] = cfg.data
+        stage = stage.model_copy(update=update)
+        if name != "pretrain" and stage.model.path in (None, "previous"):
+            if policy is None:
+                raise ValueError(f"pipeline stage {name} has no model: set stages.{name}.model.path or add a stage before it")
+            stage = stage.model_copy(update={"model": stage.model.model_copy(update={"path": policy})})
+        if name == "ppo" and stage.reward.model is None and "rm" in out:
+            stage = stage.model_copy(update={"reward": stage.reward.model_copy(update={"model": out["rm"].output_dir})})
+        out[name] = stage
+        if name in POLICY_STAGES:
+            policy = stage.output_dir
+    return out
+
+
+def select(names: list[str], only: str | None, start: str | None) -> tuple[list[str], set[str]]:
+    """Stages to consider and stages to force re-running (--only / --from)."""
+    for flag, value in (("--only", only), ("--from", start)):
+        if value is not None and value not in names:
+            raise ValueError(f"{flag} {value}: not a stage of this pipeline ({', '.join(names)})")
+    if only:
+        return [only], {only}
+    if start:
+        return names, set(names[names.index(start) :])
+    return names, set()
+
+
+def run(cfg: PipelineConfig, only: str | None = None, start: str | None = None) -> StageResult:
+    begin = time.time()
+    run_dir = Path(cfg.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(run_dir / "config.yaml", dump_config(cfg))
+    configs = stage_configs(cfg)
+    names, forced = select(list(configs), only, start)
+    timings: dict[str, float] = {}
+    for i, name in enumerate(names, 1):
+        stage = configs[name]
+        done = StageResult.load(stage.output_dir)
+        if done is not None and name not in forced:
+            print(f"[{i}/{len(names)}] {name}: finished earlier ({done.seconds:.0f}s), skipped")
+            timings[name] = done.seconds
+            continue
+        if name in forced:
+            stage = stage.model_copy(update={"overwrite": True})
+        print(f"[{i}/{len(names)}] {name}: running -> {stage.output_dir} (pipeline time so far {time.time() - begin:.0f}s)")
+        result = _runner(name)(stage)
+        timings[name] = result.seconds
+        print(result.summary())
+        _evaluate(cfg, name, stage)
+
+    from m1_align.evaluation.report import write_run_report
+
+    report = write_run_report(run_dir, [n for n in ORDER if n in configs])
+    metrics = {"report": str(report), **{f"seconds/{k}": v for k, v in timings.items()}}
+    result = StageResult("pipeline", str(run_dir), metrics, time.time() - begin)
+    print(f"report: {report}")
+    return result
+
+
+def _evaluate(cfg: PipelineConfig, name: str, stage: StageConfig) -> None:
+    """The same held-out evaluation after every policy stage, so the report compares like with like."""
+    if name not in POLICY_STAGES:
+        return
+    from m1_align.evaluation.run import run as run_eval
+
+    eval_cfg = cfg.eval.model_copy(
+        update={
+            "model": cfg.eval.model.model_copy(update={"path": stage.output_dir}),
+            "data": stage.data,
+            "output_dir": str(Path(stage.output_dir) / "eval"),
+            "overwrite": True,
+        }
+    )
+    run_eval(eval_cfg)

@@ -1,0 +1,76 @@
+"""Shared fixtures: one small build of the medical data, a tokenizer trained on it and a tiny hybrid
+model saved in Hugging Face format, made once per test session."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+SMALL_DATA = {"max_per_task": 120, "eval_per_task": 20, "seed": 0}
+
+
+@pytest.fixture(scope="session")
+def data_cache(tmp_path_factory):
+    """A DataConfig-style cache folder holding one small build; returns the cache dir."""
+    from m1_align.config import DataConfig
+    from m1_align.data import build_from_config
+
+    cache = tmp_path_factory.mktemp("data_cache")
+    build_from_config(DataConfig(cache_dir=str(cache), **SMALL_DATA))
+    return cache
+
+
+@pytest.fixture(scope="session")
+def built_data(data_cache):
+    from m1_align.config import DataConfig
+    from m1_align.data import build_from_config
+
+    return build_from_config(DataConfig(cache_dir=str(data_cache), **SMALL_DATA))
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir(built_data, tmp_path_factory):
+    from m1_align.data import corpus_texts, train_tokenizer
+
+    out = tmp_path_factory.mktemp("tokenizer")
+    train_tokenizer(corpus_texts(built_data, "train"), 1024, out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tokenizer_dir, tmp_path_factory):
+    """A randomly initialised tiny hybrid model with head dims 64 and 32 (vLLM's CPU attention needs >= 32)."""
+    import torch
+    from transformers import AutoTokenizer
+
+    from m1_align.model import BaichuanM1ForCausalLM, preset_config
+
+    tok = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    config = preset_config(
+        "tiny", vocab_size=len(tok), pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
+        bos_token_id=tok.bos_token_id,
+    )
+    torch.manual_seed(0)
+    model = BaichuanM1ForCausalLM(config)
+    out = tmp_path_factory.mktemp("tiny_model")
+    model.save_pretrained(str(out))
+    tok.save_pretrained(str(out))
+    return out
+
+
+def stage_overrides(data_cache, output_dir, model_dir=None, **extra) -> dict:
+    """Config values that point a stage at the session's small data and a tmp output folder."""
+    values = {"output_dir": str(output_dir), "data": {"cache_dir": str(data_cache), **SMALL_DATA}}
+    if model_dir is not None:
+        values["model"] = {"path": str(model_dir)}
+    for key, value in extra.items():
+        node = values
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    return values
