@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
+from pathlib import Path
 
 from m1_align.config import ConfigError, dump_config, load_config
 
@@ -17,15 +19,41 @@ STAGES: dict[str, tuple[str | None, str]] = {
     "tdpo": ("m1_align.preference.trainer:run", "token-level DPO (TDPO1/TDPO2) or plain DPO on preference pairs"),
     "ppo": ("m1_align.rl.ppo:run", "PPO with rule rewards and the medical reward model, vLLM rollouts (issue #10)"),
     "rm": ("m1_align.reward_models.trainer:run", "train a Bradley-Terry reward model on preference pairs (issue #7)"),
-    "rm-eval": (None, "evaluate a reward model: accuracy, calibration, length bias (issue #7)"),
-    "eval": (None, "held-out medical evaluation of a model or run dir (issue #11)"),
-    "pipeline": (None, "pretrain -> SFT -> ELO -> TDPO -> RM -> PPO, evaluated after every stage (issue #11)"),
+    "rm-eval": ("m1_align.reward_models.cli_eval:run", "evaluate a reward model: accuracy, calibration, length bias"),
+    "eval": ("m1_align.evaluation.run:run", "held-out medical evaluation of a model, stage output or run dir"),
+    "pipeline": ("m1_align.pipeline:run", "pretrain -> SFT -> ELO -> TDPO -> RM -> PPO, evaluated after every stage"),
 }
+
+
+# Raised for bad input (paths, data files, finished outputs, missing data packages), not for bugs.
+USER_ERRORS = {"OutputExistsError", "ModelPathError", "DataError", "MissingSourceError", "LeakError", "UserInputError"}
 
 
 def _add_config_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("config", nargs="?", help="YAML experiment config (may inherit with `defaults:`)")
     parser.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. train.learning_rate=1e-5")
+    parser.add_argument("--print-config", action="store_true", help="print the merged, validated config and exit")
+
+
+def _add_eval_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "inputs",
+        nargs="*",
+        metavar="[MODEL_PATH] [CONFIG] [key=value ...]",
+        help="a model folder, stage output or run dir (sets model.path), a YAML config, overrides",
+    )
+    parser.add_argument("--print-config", action="store_true", help="print the merged, validated config and exit")
+
+
+def _add_rm_eval_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "inputs",
+        nargs="*",
+        metavar="[MODEL_PATH|CONFIG] [key=value ...]",
+        help="a reward model folder or finished rm stage (sets model.path), or a YAML config; then overrides",
+    )
+    parser.add_argument("--data", help="pairs to score: JSONL, Parquet or a datasets folder (sets data.eval_file)")
+    parser.add_argument("--output", help="report folder (sets output_dir)")
     parser.add_argument("--print-config", action="store_true", help="print the merged, validated config and exit")
 
 
@@ -36,7 +64,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, (_, help_text) in STAGES.items():
-        _add_config_args(sub.add_parser(name, help=help_text, description=help_text))
+        stage = sub.add_parser(name, help=help_text, description=help_text)
+        if name == "eval":
+            _add_eval_args(stage)
+        elif name == "rm-eval":
+            _add_rm_eval_args(stage)
+        else:
+            _add_config_args(stage)
+        if name == "pipeline":
+            stage.add_argument("--from", dest="from_stage", metavar="STAGE", help="re-run this stage and every later one")
+            stage.add_argument("--only", metavar="STAGE", help="re-run only this stage")
     data = sub.add_parser("data", help="build or show the offline medical datasets", description="build or show the offline medical datasets")
     data.add_argument("action", choices=["build", "show"])
     _add_config_args(data)
@@ -51,7 +88,24 @@ def _load(stage: str, args: argparse.Namespace):
     return load_config(stage, args.config, args.overrides)
 
 
+def _split_inputs(args: argparse.Namespace) -> None:
+    """eval / rm-eval positionals: a leading folder is the model path, then a config, then overrides."""
+    inputs = list(args.inputs)
+    args.config, args.overrides = None, []
+    if inputs and Path(inputs[0]).is_dir():
+        args.overrides.append(f"model.path={inputs.pop(0)}")
+    if inputs and "=" not in inputs[0]:
+        args.config = inputs.pop(0)
+    args.overrides += inputs
+    if getattr(args, "data", None):
+        args.overrides.append(f"data.eval_file={args.data}")
+    if getattr(args, "output", None):
+        args.overrides.append(f"output_dir={args.output}")
+
+
 def _run_stage(stage: str, args: argparse.Namespace) -> int:
+    if stage in ("eval", "rm-eval"):
+        _split_inputs(args)
     config = _load(stage, args)
     if args.print_config:
         print(dump_config(config), end="")
@@ -62,7 +116,7 @@ def _run_stage(stage: str, args: argparse.Namespace) -> int:
         return 2
     module_name, func = target.split(":")
     runner = getattr(importlib.import_module(module_name), func)
-    result = runner(config)
+    result = runner(config, only=args.only, start=args.from_stage) if stage == "pipeline" else runner(config)
     print(result.summary())
     return 0
 
@@ -84,11 +138,18 @@ def _run_data(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    # the trainers' own progress bars stay; per-map bars of `datasets` are noise here
+    os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
     try:
         if args.command == "data":
             return _run_data(args)
         return _run_stage(args.command, args)
     except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except Exception as err:  # errors a user can fix get one line; anything else keeps its traceback
+        if type(err).__name__ not in USER_ERRORS:
+            raise
         print(f"error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

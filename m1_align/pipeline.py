@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 from m1_align.cli import STAGES
-from m1_align.config import PipelineConfig, StageConfig, dump_config
+from m1_align.config import ConfigError, PipelineConfig, StageConfig, dump_config
 from m1_align.runs import StageResult, atomic_write_text
 
 ORDER = ("pretrain", "sft", "elo", "tdpo", "rm", "ppo")
@@ -43,7 +43,7 @@ def stage_configs(cfg: PipelineConfig) -> dict[str, StageConfig]:
         stage = stage.model_copy(update=update)
         if name != "pretrain" and stage.model.path in (None, "previous"):
             if policy is None:
-                raise ValueError(f"pipeline stage {name} has no model: set stages.{name}.model.path or add a stage before it")
+                raise ConfigError(f"pipeline stage {name} has no model: set stages.{name}.model.path or add a stage before it")
             stage = stage.model_copy(update={"model": stage.model.model_copy(update={"path": policy})})
         if name == "ppo" and stage.reward.model is None and "rm" in out:
             stage = stage.model_copy(update={"reward": stage.reward.model_copy(update={"model": out["rm"].output_dir})})
@@ -57,7 +57,7 @@ def select(names: list[str], only: str | None, start: str | None) -> tuple[list[
     """Stages to consider and stages to force re-running (--only / --from)."""
     for flag, value in (("--only", only), ("--from", start)):
         if value is not None and value not in names:
-            raise ValueError(f"{flag} {value}: not a stage of this pipeline ({', '.join(names)})")
+            raise ConfigError(f"{flag} {value}: not a stage of this pipeline ({', '.join(names)})")
     if only:
         return [only], {only}
     if start:

@@ -187,12 +187,19 @@ def window_chunked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     return out.reshape(batch, heads, blocks * window, head_dim)[:, :, :length]
 
 
-def attend(q, k, v, mask: torch.Tensor | None, window: int | None) -> torch.Tensor:
+class PackedSegments(list):
+    """(start, end) of every sample in one packed row; attention runs per sample instead of under a
+    dense block-diagonal (T, T) mask, so a packed row costs sum(L_i^2), not T^2."""
+
+
+def attend(q, k, v, mask: torch.Tensor | PackedSegments | None, window: int | None) -> torch.Tensor:
     """SDPA with GQA. q: (B, H, T, D), k/v: (B, Hkv, Tk, D) -> (B, H, T, D).
 
     `mask` (B or 1, 1, T, Tk) is None when the keys are exactly what causal (and windowed) attention
     needs, i.e. a fresh unpadded sequence (Tk = T) or one decoded token that may see every cached key.
     """
+    if isinstance(mask, PackedSegments):
+        return torch.cat([attend(q[:, :, a:b], k[:, :, a:b], v[:, :, a:b], None, window) for a, b in mask], dim=2)
     if mask is not None:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
     if q.shape[2] == 1:
@@ -236,6 +243,12 @@ def attention_layout(
 
     if key_valid is None and segments is None and (past == 0 or length == 1):
         return {False: None, True: None}, restart
+    if key_valid is None and segments is not None and past == 0 and position_ids.shape[0] == 1:
+        starts = (position_ids[0] == 0).nonzero().flatten().tolist()
+        if starts[0] != 0:
+            starts = [0, *starts]
+        bounds = PackedSegments(zip(starts, [*starts[1:], length], strict=True))
+        return {False: bounds, True: bounds}, restart
     q_pos = torch.arange(past, past + length, device=device)[:, None]
     masks = {}
     for sliding in (False, True):
@@ -366,6 +379,8 @@ class BaichuanM1Model(BaichuanM1PreTrainedModel):
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)
         length = inputs_embeds.shape[1]
+        if self.training and torch.is_grad_enabled() and past_key_values is None:
+            use_cache = False  # a training forward has no use for a cache; building one costs memory
         if use_cache and past_key_values is None:
             past_key_values = BaichuanM1Cache(self.config)
         if past_key_values is not None and not isinstance(past_key_values, BaichuanM1Cache):

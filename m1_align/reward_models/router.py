@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import torch
 
-from m1_align.config import RewardSection
+from m1_align.config import ConfigError, RewardSection
 from m1_align.reward_models.evaluate import score_conversations
 from m1_align.reward_models.rules import score as rule_score
 
@@ -23,7 +23,7 @@ class Reward:
 class RewardRouter:
     def __init__(self, cfg: RewardSection, reward_model=None, tokenizer=None, max_length: int = 1024):
         if cfg.mode in ("model", "mix") and reward_model is None:
-            raise ValueError(f"reward.mode={cfg.mode} needs a reward model: set reward.model to a trained `m1-align rm` output")
+            raise ConfigError(f"reward.mode={cfg.mode} needs a reward model: set reward.model to a trained `m1-align rm` output")
         self.cfg, self.reward_model, self.tokenizer, self.max_length = cfg, reward_model, tokenizer, max_length
 
     def _model_scores(self, rows: list[dict], responses: list[str], wanted: list[int]) -> dict[int, float]:
@@ -36,9 +36,9 @@ class RewardRouter:
         cfg = self.cfg
         verifiable = [bool(r.get("answer")) and bool(r.get("rule")) for r in rows]
         if cfg.mode in ("rule", "mix") and not all(verifiable):
-            raise ValueError(f"reward.mode={cfg.mode} needs an answer and a rule on every prompt; use mode=route for open questions")
+            raise ConfigError(f"reward.mode={cfg.mode} needs an answer and a rule on every prompt; use mode=route for open questions")
         if cfg.mode == "route" and not all(verifiable) and self.reward_model is None:
-            raise ValueError("some prompts have no verifiable answer and no reward model is set (reward.model)")
+            raise ConfigError("some prompts have no verifiable answer and no reward model is set (reward.model)")
         use_model = [i for i, v in enumerate(verifiable) if cfg.mode in ("model", "mix") or not v]
         model_scores = self._model_scores(rows, responses, use_model)
 

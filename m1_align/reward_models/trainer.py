@@ -12,7 +12,7 @@ import time
 
 from trl import RewardConfig, RewardTrainer
 
-from m1_align.config import RMConfig
+from m1_align.config import ConfigError, RMConfig
 from m1_align.data.stage_data import preference_datasets
 from m1_align.reward_models.evaluate import evaluate_pairs
 from m1_align.runs import MetricsLogger, StageResult, prepare_output_dir
@@ -38,7 +38,7 @@ def _with_margin(dataset, column: str | None):
     if column is None or dataset is None:
         return dataset
     if column not in dataset.column_names:
-        raise ValueError(f"rm.margin_column {column!r} is not a column of the preference data ({dataset.column_names})")
+        raise ConfigError(f"rm.margin_column {column!r} is not a column of the preference data ({dataset.column_names})")
     return dataset.rename_column(column, "margin") if column != "margin" else dataset
 
 

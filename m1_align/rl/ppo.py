@@ -22,7 +22,7 @@ import time
 
 import torch
 
-from m1_align.config import PPOConfig
+from m1_align.config import ConfigError, PPOConfig
 from m1_align.data.stage_data import eval_rows, rl_rows
 from m1_align.evaluation.verifiable import prompt_ids
 from m1_align.reward_models.router import RewardRouter
@@ -150,7 +150,7 @@ class PPOLoop(OnlineLoop):
         cfg = self.cfg
         source = cfg.reward.model if cfg.ppo.critic_from == "reward_model" else cfg.model.path
         if source is None:
-            raise ValueError("ppo.critic_from=reward_model needs reward.model to be set")
+            raise ConfigError("ppo.critic_from=reward_model needs reward.model to be set")
         critic = load_model(cfg.model.model_copy(update={"lora": cfg.model.lora.model_copy(update={"enabled": False})}),
                             kind="seq_cls", model_dir=resolve_model_dir(source), num_labels=1)
         if cfg.ppo.critic_from == "policy":

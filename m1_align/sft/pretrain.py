@@ -15,7 +15,7 @@ from datasets import Dataset
 from trl import SFTConfig as TRLSFTConfig
 from trl import SFTTrainer
 
-from m1_align.config import PretrainConfig
+from m1_align.config import ConfigError, PretrainConfig
 from m1_align.data.build import corpus_texts
 from m1_align.data.stage_data import built_dir
 from m1_align.runs import MetricsLogger, StageResult, prepare_output_dir
@@ -62,7 +62,7 @@ def base_model(cfg: PretrainConfig, tokenizer):
 def run(cfg: PretrainConfig) -> StageResult:
     start = time.time()
     if cfg.model.path:
-        raise ValueError("pretrain trains from scratch: set model.preset (e.g. quickstart), not model.path")
+        raise ConfigError("pretrain trains from scratch: set model.preset (e.g. quickstart), not model.path")
     output_dir = prepare_output_dir(cfg.output_dir, cfg.overwrite)
     data_dir = built_dir(cfg)
     tokenizer = tokenizer_for(cfg, data_dir, output_dir)

@@ -1,0 +1,237 @@
+"""Held-out medical benchmarks for one causal LM.
+
+- MMLU-medical: the letter parsed from a free (greedy) generation, and the option with the highest
+  log-likelihood sum log p(option text | prompt, "Answer:"), overall and per subject;
+- the held-out verifiable sets: rule-checked answer accuracy per task;
+- open questions: a reward model's average score of the model's greedy answers.
+
+Generation goes through a `Generate` callable (messages -> completion texts), so the backend is
+chosen in one place (evaluation.run.make_generator). Each benchmark returns flat metrics
+("mmlu_medical/accuracy_loglik", ...) and one sample record per question for eval_samples.jsonl.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections import defaultdict
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from m1_align.data.chat import apply_chat_template
+from m1_align.data.tasks import LETTERS
+from m1_align.evaluation.verifiable import greedy_generate
+from m1_align.reward_models.evaluate import score_conversations
+from m1_align.reward_models.rules import score
+
+Messages = list[dict[str, str]]
+Generate = Callable[[list[Messages]], list[str]]
+Metrics = dict[str, float | int]
+
+# The built data's answers end with "Answer: <answer>", so an option is scored where the model
+# states its answer, right after this prefix (its reasoning is skipped).
+LOGLIK_PREFIX = "Answer:"
+
+
+def prompt_ids(tokenizer, messages: Messages) -> list[int]:
+    """The chat prompt with the generation prompt (the tokenizer's template, else Baichuan-M1's)."""
+    text = apply_chat_template(tokenizer, messages, add_generation_prompt=True)
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def hf_generator(model, tokenizer, max_new_tokens: int, batch_size: int) -> Generate:
+    def generate(prompts: list[Messages]) -> list[str]:
+        ids = [prompt_ids(tokenizer, p) for p in prompts]
+        return greedy_generate(model, tokenizer, ids, max_new_tokens, batch_size)
+
+    return generate
+
+
+def take_balanced(rows: list[dict[str, Any]], key: str, limit: int | None) -> list[dict[str, Any]]:
+    """At most `limit` rows, taken round-robin over the groups of `key` so every group shows up."""
+    if limit is None or len(rows) <= limit:
+        return rows
+    groups: dict[Any, list] = defaultdict(list)
+    for row in rows:
+        groups[row.get(key)].append(row)
+    interleaved = (
+        row for batch in itertools.zip_longest(*groups.values()) for row in batch if row is not None
+    )
+    return list(itertools.islice(interleaved, limit))
+
+
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values) if values else float("nan")
+
+
+def _key(name: str) -> str:
+    return str(name).replace(" ", "_")
+
+
+# ---------------------------------------------------------------------------------------------
+# MMLU-medical
+# ---------------------------------------------------------------------------------------------
+
+
+@torch.inference_mode()
+def continuation_logprobs(
+    model, sequences: list[tuple[list[int], list[int]]], pad_id: int, batch_size: int = 8
+) -> list[float]:
+    """sum log p(continuation | context) for each (context ids, continuation ids) pair."""
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    # Longest first, so each batch holds similar lengths (little padding) and memory peaks early.
+    order = sorted(range(len(sequences)), key=lambda i: -len(sequences[i][0]) - len(sequences[i][1]))
+    totals = [0.0] * len(sequences)
+    for start in range(0, len(order), batch_size):
+        indices = order[start : start + batch_size]
+        batch = [sequences[i] for i in indices]
+        rows = [context + continuation for context, continuation in batch]
+        width = max(len(r) for r in rows)
+        ids = torch.tensor([r + [pad_id] * (width - len(r)) for r in rows], device=device)
+        mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows], device=device)
+        logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+        for i, (context, continuation) in enumerate(batch):
+            # logits at position t predict token t+1; only the continuation's positions are needed
+            end = len(context) + len(continuation)
+            logp = logits[i, len(context) - 1 : end - 1].float().log_softmax(-1)
+            target = ids[i, len(context) : end]
+            totals[indices[i]] = logp.gather(-1, target[:, None]).sum().item()
+    model.train(was_training)
+    return totals
+
+
+def option_logliks(model, tokenizer, rows: list[dict[str, Any]], batch_size: int = 8) -> list[list[float]]:
+    """Per row, sum log p(" " + option text | prompt + "Answer:") for each of its options."""
+    prefix = tokenizer(LOGLIK_PREFIX, add_special_tokens=False)["input_ids"]
+    sequences = []
+    for row in rows:
+        context = prompt_ids(tokenizer, row["prompt"]) + prefix
+        sequences += [
+            (context, tokenizer(" " + option, add_special_tokens=False)["input_ids"])
+            for option in row["options"]
+        ]
+    flat = iter(continuation_logprobs(model, sequences, tokenizer.pad_token_id, batch_size))
+    return [list(itertools.islice(flat, len(row["options"]))) for row in rows]
+
+
+def mmlu_medical(
+    model, tokenizer, rows: list[dict[str, Any]], generate: Generate, batch_size: int = 8
+) -> tuple[Metrics, list[dict]]:
+    """Generated-letter accuracy and log-likelihood accuracy, overall and per subject."""
+    completions = generate([row["prompt"] for row in rows])
+    logliks = option_logliks(model, tokenizer, rows, batch_size)
+    samples = []
+    for row, completion, scores in zip(rows, completions, logliks, strict=True):
+        parsed = score(row["rule"], completion, row["answer"])
+        best = LETTERS[max(range(len(scores)), key=scores.__getitem__)]
+        samples.append(
+            {
+                "benchmark": "mmlu_medical",
+                "subject": row["subject"],
+                "item": row["item"],
+                "answer": row["answer"],
+                "completion": completion,
+                "parsed": parsed.parsed,
+                "generation_correct": parsed.score,
+                "option_logliks": scores,
+                "loglik_letter": best,
+                "loglik_correct": float(best == row["answer"]),
+            }
+        )
+    metrics: Metrics = {"mmlu_medical/n": len(samples)}
+    groups = [("", samples)] + [
+        (f"{_key(s)}/", [x for x in samples if x["subject"] == s])
+        for s in sorted({x["subject"] for x in samples})
+    ]
+    for prefix, group in groups:
+        metrics[f"mmlu_medical/{prefix}accuracy_generation"] = _mean([x["generation_correct"] for x in group])
+        metrics[f"mmlu_medical/{prefix}accuracy_loglik"] = _mean([x["loglik_correct"] for x in group])
+    return metrics, samples
+
+
+# ---------------------------------------------------------------------------------------------
+# Verifiable held-out sets
+# ---------------------------------------------------------------------------------------------
+
+
+def verifiable_sets(rows: list[dict[str, Any]], generate: Generate) -> tuple[Metrics, list[dict]]:
+    """Rule-checked accuracy per task (and over all questions); rows carry prompt/answer/rule/task."""
+    completions = generate([row["prompt"] for row in rows])
+    samples = []
+    for row, completion in zip(rows, completions, strict=True):
+        result = score(row["rule"], completion, row["answer"])
+        samples.append(
+            {
+                "benchmark": "verifiable",
+                "task": row["task"],
+                "item": row.get("item"),
+                "answer": row["answer"],
+                "completion": completion,
+                "parsed": result.parsed,
+                "correct": result.score,
+                "reason": result.reason,
+            }
+        )
+    metrics: Metrics = {
+        "verifiable/n": len(samples),
+        "verifiable/accuracy": _mean([x["correct"] for x in samples]),
+    }
+    for task in sorted({x["task"] for x in samples}):
+        metrics[f"verifiable/{_key(task)}/accuracy"] = _mean(
+            [x["correct"] for x in samples if x["task"] == task]
+        )
+    return metrics, samples
+
+
+# ---------------------------------------------------------------------------------------------
+# Reward model on open questions
+# ---------------------------------------------------------------------------------------------
+
+
+def reward_model_scores(
+    rows: list[dict[str, Any]],
+    generate: Generate,
+    reward_model,
+    reward_tokenizer,
+    max_length: int = 1024,
+    batch_size: int = 8,
+) -> tuple[Metrics, list[dict]]:
+    """Average reward of the model's answers; the reference (chosen) answers' average for scale."""
+    completions = generate([row["prompt"] for row in rows])
+
+    def rewards(responses: list[str]) -> list[float]:
+        conversations = [
+            row["prompt"] + [{"role": "assistant", "content": r}]
+            for row, r in zip(rows, responses, strict=True)
+        ]
+        return score_conversations(reward_model, reward_tokenizer, conversations, max_length, batch_size)
+
+    model_scores = rewards(completions)
+    reference_scores = rewards([row["chosen"] for row in rows])
+    mean = _mean(model_scores)
+    metrics: Metrics = {
+        "reward_model/n": len(rows),
+        "reward_model/mean": mean,
+        "reward_model/std": math.sqrt(_mean([(s - mean) ** 2 for s in model_scores])),
+        "reward_model/mean_reference": _mean(reference_scores),
+        # how often the model's answer scores at least as high as the reference answer
+        "reward_model/win_rate_vs_reference": _mean(
+            [float(m >= r) for m, r in zip(model_scores, reference_scores, strict=True)]
+        ),
+    }
+    samples = [
+        {
+            "benchmark": "reward_model",
+            "task": row.get("task"),
+            "item": row.get("item"),
+            "completion": c,
+            "reward": s,
+            "reference_reward": r,
+        }
+        for row, c, s, r in zip(rows, completions, model_scores, reference_scores, strict=True)
+    ]
+    return metrics, samples
