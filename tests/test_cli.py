@@ -45,7 +45,15 @@ def test_misspelt_key_gives_one_line_with_suggestion(tmp_path):
     assert out.stderr.strip() == f"error: unknown key 'train.lerning_rate' in {path}; did you mean 'train.learning_rate'?"
 
 
-@pytest.mark.parametrize("name", [n for n, (target, _) in STAGES.items() if target is None])
-def test_unbuilt_stage_says_so(name, capsys):
-    assert main([name]) == 2
-    assert "not built yet" in capsys.readouterr().err
+def test_missing_model_is_one_line(tmp_path, capsys):
+    assert main(["sft", f"output_dir={tmp_path}/out", f"model.path={tmp_path}/nowhere"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: model path") and "no Hugging Face model" in err and "\n" not in err
+
+
+def test_finished_output_is_never_overwritten(tmp_path, capsys):
+    from m1_align.runs import StageResult
+
+    StageResult("sft", str(tmp_path), {}).save()
+    assert main(["sft", f"output_dir={tmp_path}"]) == 2
+    assert "already holds a finished run" in capsys.readouterr().err
