@@ -97,6 +97,7 @@ class TrainConfig(Section):
     logging_steps: int = Field(10, ge=1)
     eval_steps: int | None = None  # held-out loss every N steps (None: only at the end)
     eval_max_new_tokens: int = Field(96, ge=1)  # generation length for held-out answer accuracy
+    eval_limit: int | None = Field(None, ge=1)  # held-out questions per task at the end (None: all)
     report_to: list[Literal["tensorboard", "wandb"]] = []  # metrics.jsonl is always written
     deepspeed: str | None = None  # a DeepSpeed JSON config, e.g. configs/deepspeed/zero2.json
     resume: bool = True  # continue from the last checkpoint in output_dir when there is one

@@ -107,6 +107,7 @@ def training_arguments(cfg: StageConfig, output_dir: Path) -> dict[str, Any]:
         logging_steps=train.logging_steps,
         eval_strategy="steps" if train.eval_steps else "no",
         eval_steps=train.eval_steps,
+        prediction_loss_only=True,  # evaluation keeps losses and metrics, not every batch's logits
         report_to=list(train.report_to) or "none",
         deepspeed=train.deepspeed,
         seed=cfg.seed,

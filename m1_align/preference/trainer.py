@@ -124,7 +124,9 @@ def run(cfg: TDPOConfig) -> StageResult:
     if trainer.eval_dataset is not None:
         after = trainer.evaluate()
         metrics.update({k.removeprefix("eval_"): v for k, v in after.items() if k.startswith(("eval_rewards", "eval_seqkl", "eval_loss"))})
-    metrics.update(answer_accuracy(trainer.model, tokenizer, eval_rows(cfg), max_new_tokens=cfg.train.eval_max_new_tokens))
+    metrics.update(answer_accuracy(
+        trainer.model, tokenizer, eval_rows(cfg, cfg.train.eval_limit), max_new_tokens=cfg.train.eval_max_new_tokens
+    ))
     logger.log(trainer.state.global_step, **metrics)
     logger.close()
     write_json(output_dir / "eval.json", metrics)

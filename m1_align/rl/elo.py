@@ -131,7 +131,7 @@ class ELOLoop(OnlineLoop):
 
     def setup(self) -> None:
         self.rows = rl_rows(self.cfg)
-        self.eval_set = eval_rows(self.cfg, limit=self.cfg.data.eval_per_task)
+        self.eval_set = eval_rows(self.cfg, self.cfg.train.eval_limit)
         self.delimiter = self.cfg.elo.answer_delimiter
 
     def total_steps(self) -> int:

@@ -137,7 +137,7 @@ class PPOLoop(OnlineLoop):
     def setup(self) -> None:
         cfg = self.cfg
         self.rows = rl_rows(cfg)
-        self.eval_set = eval_rows(cfg, limit=cfg.data.eval_per_task)
+        self.eval_set = eval_rows(cfg, cfg.train.eval_limit)
         self.kl_ctl = AdaptiveKLController(cfg.ppo.kl_coef, cfg.ppo.adaptive_kl_target)
         reward_model = None
         if cfg.reward.model:

@@ -72,7 +72,9 @@ def run(cfg: SFTConfig) -> StageResult:
     metrics = {"train_loss": train_output.training_loss, "steps": trainer.state.global_step}
     if trainer.eval_dataset is not None:
         metrics["eval_loss"] = trainer.evaluate()["eval_loss"]
-    metrics.update(answer_accuracy(trainer.model, tokenizer, eval_rows(cfg), max_new_tokens=cfg.train.eval_max_new_tokens))
+    metrics.update(answer_accuracy(
+        trainer.model, tokenizer, eval_rows(cfg, cfg.train.eval_limit), max_new_tokens=cfg.train.eval_max_new_tokens
+    ))
     logger.log(trainer.state.global_step, **metrics)
     logger.close()
     write_json(output_dir / "eval.json", metrics)
