@@ -22,7 +22,7 @@ from m1_align.config import StageConfig
 from m1_align.evaluation.verifiable import prompt_ids
 from m1_align.reward_models.rules import score
 from m1_align.rl.common import CHECKPOINT_DIR, load_checkpoint, load_optimizers, save_checkpoint
-from m1_align.rl.rollout import SamplingSettings, make_engine
+from m1_align.rl.rollout import SamplingSettings, make_engine, vllm_available
 from m1_align.runs import (
     MetricsLogger,
     StageResult,
@@ -146,6 +146,19 @@ class OnlineLoop:
         result["accuracy/overall"] = sum(sum(v) for v in by_task.values()) / len(rows)
         return result
 
+    def _make_engine(self, model_dir: Path):
+        """vLLM reads the starting checkpoint and is then kept in sync; HF generate samples from the policy itself."""
+        r, policy = self.cfg.rollout, self.accelerator.unwrap_model(self.policy)
+        kind = r.engine if r.engine != "auto" else ("vllm" if vllm_available() else "hf")
+        if kind == "hf":
+            return make_engine("hf", model=policy, tokenizer=self.tokenizer)
+        return make_engine(
+            "vllm", model_dir=str(model_dir), tokenizer=self.tokenizer, dtype=self.cfg.model.dtype,
+            kv_cache_gib=r.kv_cache_gib, gpu_memory_utilization=r.gpu_memory_utilization,
+            tensor_parallel_size=r.tensor_parallel_size, enforce_eager=r.enforce_eager, in_process=r.in_process,
+            seed=self.cfg.seed, max_model_len=self.cfg.train.max_length + r.max_new_tokens,
+        )
+
     def _load_models(self, model_dir: Path) -> None:
         cfg = self.cfg
         self.policy = load_model(cfg.model, model_dir=model_dir)
@@ -224,13 +237,7 @@ class OnlineLoop:
             self.reference.to(self.device)
         first = self._resume(self.output_dir) if t.resume else 0
 
-        r = cfg.rollout
-        self.engine = make_engine(
-            r.engine, model_dir=str(model_dir), model=self.accelerator.unwrap_model(self.policy), tokenizer=self.tokenizer,
-            dtype=cfg.model.dtype, kv_cache_gib=r.kv_cache_gib, gpu_memory_utilization=r.gpu_memory_utilization,
-            tensor_parallel_size=r.tensor_parallel_size, enforce_eager=r.enforce_eager, seed=cfg.seed,
-            max_model_len=t.max_length + r.max_new_tokens,
-        )
+        self.engine = self._make_engine(model_dir)
         if first:
             self.engine.update_weights(self.accelerator.unwrap_model(self.policy))
 
