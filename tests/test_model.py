@@ -198,6 +198,24 @@ def test_window_chunked_attention_equals_masked_attention(length):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=0)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="FlexAttention is the CUDA path; on CPU its backward is unsupported")
+def test_flex_sliding_attention_equals_masked_attention_on_cuda():
+    from m1_align.model.modeling import flex_sliding_attention
+
+    torch.manual_seed(0)
+    length, window = 512, 128
+    q = torch.randn(2, 8, length, 64, device="cuda", requires_grad=True)
+    k = torch.randn(2, 2, length, 64, device="cuda", requires_grad=True)
+    v = torch.randn(2, 2, length, 64, device="cuda", requires_grad=True)
+    i = torch.arange(length, device="cuda")
+    mask = (i[None] <= i[:, None]) & (i[:, None] - i[None] < window)
+    masked = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+    flex = flex_sliding_attention(q, k, v, window)
+    torch.testing.assert_close(flex, masked, atol=2e-3, rtol=0)
+    for a, b in zip(torch.autograd.grad(flex.square().sum(), (q, k, v)), torch.autograd.grad(masked.square().sum(), (q, k, v)), strict=True):
+        torch.testing.assert_close(a, b, atol=2e-2, rtol=1e-3)
+
+
 @torch.no_grad()
 def test_model_chunked_path_equals_masked_path():
     # a right-padded row takes the masked path; its real part must equal the unpadded fast path

@@ -11,6 +11,8 @@ H query heads, Hkv KV heads, D head_dim (it differs between global and sliding-w
 - Parameter and config names match the released Baichuan-M1-14B checkpoint.
 """
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -187,6 +189,30 @@ def window_chunked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     return out.reshape(batch, heads, blocks * window, head_dim)[:, :, :length]
 
 
+@functools.cache
+def _compiled_flex_attention():
+    from torch.nn.attention.flex_attention import flex_attention
+
+    return torch.compile(flex_attention, dynamic=False)
+
+
+@functools.lru_cache(maxsize=32)
+def _sliding_block_mask(length: int, window: int, device: str):
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    def sliding_causal(b, h, q_idx, kv_idx):
+        return (kv_idx <= q_idx) & (q_idx - kv_idx < window)
+
+    return create_block_mask(sliding_causal, B=None, H=None, Q_LEN=length, KV_LEN=length, device=device)
+
+
+def flex_sliding_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int) -> torch.Tensor:
+    """CUDA: block-sparse sliding-window attention (FlexAttention skips the blocks outside the window,
+    so the cost is O(T*W) and it stays a fused kernel). q: (B, H, T, D), k/v: (B, Hkv, T, D)."""
+    block_mask = _sliding_block_mask(q.shape[2], window, str(q.device))
+    return _compiled_flex_attention()(q, k, v, block_mask=block_mask, enable_gqa=q.shape[1] != k.shape[1])
+
+
 class PackedSegments(list):
     """(start, end) of every sample in one packed row; attention runs per sample instead of under a
     dense block-diagonal (T, T) mask, so a packed row costs sum(L_i^2), not T^2."""
@@ -205,6 +231,8 @@ def attend(q, k, v, mask: torch.Tensor | PackedSegments | None, window: int | No
     if q.shape[2] == 1:
         return F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
     if window is not None and q.shape[2] > window:
+        if q.is_cuda and q.shape[2] % 128 == 0:  # FlexAttention's block size
+            return flex_sliding_attention(q, k, v, window)
         return window_chunked_attention(q, k, v, window)
     return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
 
