@@ -99,6 +99,8 @@ def preference_loss(
         "rewards/rejected": rejected_reward.mean(),
         "rewards/margin": (chosen_reward - rejected_reward).mean(),
         "rewards/accuracy": (chosen_reward > rejected_reward).float().mean(),
+        # the policy's own preference (per-token log-likelihood), meaningful before training too
+        "preference/accuracy": (chosen.logp / chosen.n_tokens.clamp_min(1) > rejected.logp / rejected.n_tokens.clamp_min(1)).float().mean(),
         "seqkl/chosen": chosen.sequential_kl.detach().mean(),
         "seqkl/rejected": rejected.sequential_kl.detach().mean(),
         "logps/chosen": chosen.logp.detach().mean(),

@@ -115,7 +115,7 @@ def run(cfg: TDPOConfig) -> StageResult:
     metrics = {}
     if trainer.eval_dataset is not None:
         before = trainer.evaluate()
-        metrics.update({"before/" + k.removeprefix("eval_"): v for k, v in before.items() if k.startswith("eval_rewards")})
+        metrics.update({"before/" + k.removeprefix("eval_"): v for k, v in before.items() if k.startswith(("eval_rewards", "eval_preference"))})
     resume = last_checkpoint(output_dir) if cfg.train.resume else None
     train_output = trainer.train(resume_from_checkpoint=resume)
     save_final(trainer, tokenizer, cfg, output_dir)
@@ -123,7 +123,7 @@ def run(cfg: TDPOConfig) -> StageResult:
     metrics.update({"train_loss": train_output.training_loss, "steps": trainer.state.global_step})
     if trainer.eval_dataset is not None:
         after = trainer.evaluate()
-        metrics.update({k.removeprefix("eval_"): v for k, v in after.items() if k.startswith(("eval_rewards", "eval_seqkl", "eval_loss"))})
+        metrics.update({k.removeprefix("eval_"): v for k, v in after.items() if k.startswith(("eval_rewards", "eval_preference", "eval_seqkl", "eval_loss"))})
     metrics.update(answer_accuracy(
         trainer.model, tokenizer, eval_rows(cfg, cfg.train.eval_limit), max_new_tokens=cfg.train.eval_max_new_tokens
     ))

@@ -176,7 +176,9 @@ class ELOLoop(OnlineLoop):
                 loss = loss + cfg.elo.kl_coef * self.reference_kl(paths)
             self.optimizer_step(loss)
         t2 = time.time()
-        self.engine.update_weights(self.policy)
+        policy = self.accelerator.unwrap_model(self.policy)
+        self.engine.update_weights(policy)
+        sync_diff = self.engine.verify_weights(policy, paths[0].prompt + paths[0].reasoning)
         t3 = time.time()
 
         rewards = answer_logp.detach()
@@ -191,6 +193,7 @@ class ELOLoop(OnlineLoop):
                 "time/sample": t1 - t0,
                 "time/score_and_train": t2 - t1,
                 "time/sync": t3 - t2,
+                "sync/logprob_diff": sync_diff,
             }
         )
         return metrics

@@ -152,12 +152,15 @@ class OnlineLoop:
         kind = r.engine if r.engine != "auto" else ("vllm" if vllm_available() else "hf")
         if kind == "hf":
             return make_engine("hf", model=policy, tokenizer=self.tokenizer)
-        return make_engine(
+        threads = torch.get_num_threads()
+        engine = make_engine(
             "vllm", model_dir=str(model_dir), tokenizer=self.tokenizer, dtype=self.cfg.model.dtype,
             kv_cache_gib=r.kv_cache_gib, gpu_memory_utilization=r.gpu_memory_utilization,
             tensor_parallel_size=r.tensor_parallel_size, enforce_eager=r.enforce_eager, in_process=r.in_process,
             seed=self.cfg.seed, max_model_len=self.cfg.train.max_length + r.max_new_tokens,
         )
+        torch.set_num_threads(threads)  # in-process vLLM on CPU drops torch to one thread; the trainer wants them all
+        return engine
 
     def _load_models(self, model_dir: Path) -> None:
         cfg = self.cfg

@@ -241,7 +241,8 @@ class PPOLoop(OnlineLoop):
                 break
         t3 = time.time()
         self.engine.update_weights(self.accelerator.unwrap_model(self.policy))
-        self.engine.verify_weights(self.accelerator.unwrap_model(self.policy), ids[:1, : start + 8].tolist()[0])
+        # a stale engine raises here instead of sampling the next batch from old weights
+        sync_diff = self.engine.verify_weights(self.accelerator.unwrap_model(self.policy), ids[0, mask[0].bool()].tolist()[:64])
         t4 = time.time()
 
         mean_kl = (kl.sum(1)).mean().item()
@@ -261,6 +262,7 @@ class PPOLoop(OnlineLoop):
                 "explained_variance": explained.item(),
                 "response_length": sum(lengths) / len(lengths),
                 "eos_rate": 1 - no_eos.float().mean().item(),
+                "sync/logprob_diff": sync_diff,
                 "early_stopped": float(early_stop),
                 "time/generate": t1 - t0,
                 "time/score": t2 - t1,

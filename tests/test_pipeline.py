@@ -1,0 +1,100 @@
+"""The whole chain on the smallest settings: every artefact, skip on re-run, --only/--from, resume
+after an interruption mid-stage."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from conftest import SMALL_DATA
+
+from m1_align.config import PipelineConfig, load_config
+
+STAGES = ("pretrain", "sft", "elo", "tdpo", "rm", "ppo")
+
+
+def smallest(tmp_path, data_cache, run_dir):
+    overrides = [
+        f"run_dir={run_dir}",
+        f"data.cache_dir={data_cache}",
+        *(f"data.{k}={v}" for k, v in SMALL_DATA.items()),
+        "eval.eval.limit=2", "eval.eval.max_new_tokens=8",
+        "stages.pretrain.model.preset=tiny", "stages.pretrain.pretrain.vocab_size=512",
+        "stages.pretrain.pretrain.heldout_texts=16",
+        "stages.pretrain.train.max_steps=3", "stages.sft.train.max_steps=3", "stages.elo.train.max_steps=2",
+        "stages.tdpo.train.max_steps=2", "stages.rm.train.max_steps=2", "stages.ppo.train.max_steps=2",
+        "stages.elo.train.save_steps=1",
+        *(f"stages.{s}.train.eval_limit=2" for s in ("sft", "elo", "tdpo", "ppo")),
+        *(f"stages.{s}.rollout.max_new_tokens=16" for s in ("elo", "ppo")),
+    ]
+    return load_config("pipeline", "configs/quickstart.yaml", overrides)
+
+
+@pytest.mark.slow
+def test_pipeline_end_to_end(tmp_path, data_cache, monkeypatch, capsys):
+    from m1_align import pipeline
+    from m1_align.rl.elo import ELOLoop
+
+    run_dir = tmp_path / "run"
+    cfg: PipelineConfig = smallest(tmp_path, data_cache, run_dir)
+
+    # interrupted in the middle of ELO: the stages before it are finished, ELO has a checkpoint
+    original = ELOLoop.step
+
+    def interrupt_at_step_2(self, step):
+        if step == 1:
+            raise KeyboardInterrupt
+        return original(self, step)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(ELOLoop, "step", interrupt_at_step_2)
+        with pytest.raises(KeyboardInterrupt):
+            pipeline.run(cfg)
+    assert (run_dir / "sft" / "result.json").is_file() and not (run_dir / "elo" / "result.json").exists()
+    assert (run_dir / "elo" / "checkpoint" / "state.json").is_file()
+
+    pipeline.run(cfg)  # resumes ELO at its checkpoint, then runs the rest
+    out = capsys.readouterr().out
+    assert "pretrain: finished earlier" in out and "sft: finished earlier" in out
+    elo_steps = [json.loads(line)["step"] for line in (run_dir / "elo" / "metrics.jsonl").read_text().splitlines()
+                 if "time/sample" in line]
+    assert elo_steps == [1, 2]
+
+    for stage in STAGES:
+        folder = run_dir / stage
+        for name in ("result.json", "metrics.jsonl", "eval.json", "model/config.json", "model/model.safetensors"):
+            assert (folder / name).is_file(), f"{stage}/{name} missing"
+        if stage != "rm":
+            assert (folder / "eval" / "eval.json").is_file(), f"{stage} was not evaluated"
+    report = (run_dir / "report.md").read_text()
+    assert "| metric | pretrain | sft | elo | tdpo | rm | ppo |" in report
+    for plot in ("accuracy", "loss", "reward", "kl"):
+        assert (run_dir / "plots" / f"{plot}.png").is_file()
+    assert (run_dir / "pretrain" / "tokenizer" / "tokenizer.json").is_file()
+
+    # a finished run is skipped; --only re-runs one stage, --from re-runs a stage and the ones after it
+    before = {s: json.loads((run_dir / s / "result.json").read_text())["seconds"] for s in STAGES}
+    pipeline.run(cfg)
+    assert {s: json.loads((run_dir / s / "result.json").read_text())["seconds"] for s in STAGES} == before
+    pipeline.run(cfg, only="rm")
+    after_only = {s: json.loads((run_dir / s / "result.json").read_text())["seconds"] for s in STAGES}
+    assert [s for s in STAGES if after_only[s] != before[s]] == ["rm"]
+    pipeline.run(cfg, start="rm")
+    after_from = {s: json.loads((run_dir / s / "result.json").read_text())["seconds"] for s in STAGES}
+    assert [s for s in STAGES if after_from[s] != after_only[s]] == ["rm", "ppo"]
+    with pytest.raises(Exception, match="not a stage of this pipeline"):
+        pipeline.run(cfg, only="dpo")
+
+
+def test_every_shipped_config_validates():
+    from pathlib import Path
+
+    from m1_align.config import load_config
+
+    schema_of = {"sft": "sft", "tdpo": "tdpo", "elo": "elo", "ppo": "ppo", "rm": "rm"}
+    for path in sorted(Path("configs").rglob("*.yaml")):
+        if path.parent.name == "accelerate":
+            continue
+        stage = "pipeline" if "pipeline" in path.name or "quickstart" in path.name else schema_of.get(path.stem)
+        assert stage, f"no schema for {path}"
+        load_config(stage, path)
