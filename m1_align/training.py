@@ -18,7 +18,7 @@ from transformers import (
 )
 
 from m1_align.config import LoraConfig, ModelConfig, StageConfig, dump_config
-from m1_align.runs import MetricsLogger, atomic_replace_dir, atomic_write_text
+from m1_align.runs import MetricsLogger, StageResult, atomic_replace_dir, atomic_write_text
 
 CHECKPOINTS = "checkpoints"
 FINAL_MODEL = "model"
@@ -174,7 +174,9 @@ def save_final(trainer, tokenizer, cfg: StageConfig, output_dir: Path) -> Path:
     final = output_dir / FINAL_MODEL
     tmp = output_dir / f".{FINAL_MODEL}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    trainer.save_model(str(tmp))
+    trainer.save_model(str(tmp))  # collective under ZeRO-3 (gathers the shards); writes on the main process
+    if not trainer.is_world_process_zero():
+        return final
     model = trainer.model
     if cfg.model.lora.enabled and cfg.model.lora.merge_on_save and hasattr(model, "merge_and_unload"):
         merged_dir = output_dir / f".{FINAL_MODEL}-merged.tmp"
@@ -186,6 +188,18 @@ def save_final(trainer, tokenizer, cfg: StageConfig, output_dir: Path) -> Path:
     atomic_write_text(tmp / "m1_align_config.yaml", dump_config(cfg))
     atomic_replace_dir(tmp, final)
     return final
+
+
+def finish_stage(trainer, logger: MetricsLogger, stage: str, output_dir: Path, metrics: dict, start: float):
+    """Log the final metrics and write eval.json, then result.json last (the finished marker);
+    under several processes only the main one writes."""
+    result = StageResult(stage, str(output_dir), metrics, time.time() - start)
+    if trainer.is_world_process_zero():
+        logger.log(trainer.state.global_step, **metrics)
+        write_json(output_dir / "eval.json", metrics)
+        result.save()
+    logger.close()
+    return result
 
 
 def write_json(path: Path, obj: Any) -> None:

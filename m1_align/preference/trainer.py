@@ -26,6 +26,7 @@ from m1_align.runs import MetricsLogger, StageResult, prepare_output_dir
 from m1_align.training import (
     MetricsCallback,
     WSDScheduleMixin,
+    finish_stage,
     last_checkpoint,
     load_model,
     load_tokenizer,
@@ -33,7 +34,6 @@ from m1_align.training import (
     resolve_model_dir,
     save_final,
     training_arguments,
-    write_json,
 )
 
 
@@ -127,9 +127,4 @@ def run(cfg: TDPOConfig) -> StageResult:
     metrics.update(answer_accuracy(
         trainer.model, tokenizer, eval_rows(cfg, cfg.train.eval_limit), max_new_tokens=cfg.train.eval_max_new_tokens
     ))
-    logger.log(trainer.state.global_step, **metrics)
-    logger.close()
-    write_json(output_dir / "eval.json", metrics)
-    result = StageResult("tdpo", str(output_dir), metrics, time.time() - start)
-    result.save()
-    return result
+    return finish_stage(trainer, logger, "tdpo", output_dir, metrics, start)

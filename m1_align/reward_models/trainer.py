@@ -19,6 +19,7 @@ from m1_align.runs import MetricsLogger, StageResult, prepare_output_dir
 from m1_align.training import (
     MetricsCallback,
     WSDScheduleMixin,
+    finish_stage,
     last_checkpoint,
     load_model,
     load_tokenizer,
@@ -26,7 +27,6 @@ from m1_align.training import (
     resolve_model_dir,
     save_final,
     training_arguments,
-    write_json,
 )
 
 
@@ -74,9 +74,4 @@ def run(cfg: RMConfig) -> StageResult:
     if held is not None:
         report = evaluate_pairs(trainer.model, tokenizer, list(held), max_length=cfg.train.max_length)
         metrics.update({k: v for k, v in report.items() if isinstance(v, float | int)})
-    logger.log(trainer.state.global_step, **metrics)
-    logger.close()
-    write_json(output_dir / "eval.json", metrics)
-    result = StageResult("rm", str(output_dir), {**metrics, "model": str(final_dir)}, time.time() - start)
-    result.save()
-    return result
+    return finish_stage(trainer, logger, "rm", output_dir, {**metrics, "model": str(final_dir)}, start)

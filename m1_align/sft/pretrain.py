@@ -22,11 +22,11 @@ from m1_align.runs import MetricsLogger, StageResult, prepare_output_dir
 from m1_align.training import (
     MetricsCallback,
     WSDScheduleMixin,
+    finish_stage,
     last_checkpoint,
     resolve_dtype,
     save_final,
     training_arguments,
-    write_json,
 )
 
 
@@ -100,9 +100,4 @@ def run(cfg: PretrainConfig) -> StageResult:
         "steps": trainer.state.global_step,
         "parameters": sum(p.numel() for p in trainer.model.parameters()),
     }
-    logger.log(trainer.state.global_step, **metrics)
-    logger.close()
-    write_json(output_dir / "eval.json", metrics)
-    result = StageResult("pretrain", str(output_dir), metrics, time.time() - start)
-    result.save()
-    return result
+    return finish_stage(trainer, logger, "pretrain", output_dir, metrics, start)

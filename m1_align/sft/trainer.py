@@ -21,6 +21,7 @@ from m1_align.runs import MetricsLogger, StageResult, prepare_output_dir
 from m1_align.training import (
     MetricsCallback,
     WSDScheduleMixin,
+    finish_stage,
     last_checkpoint,
     load_model,
     load_tokenizer,
@@ -28,7 +29,6 @@ from m1_align.training import (
     resolve_model_dir,
     save_final,
     training_arguments,
-    write_json,
 )
 
 
@@ -75,9 +75,4 @@ def run(cfg: SFTConfig) -> StageResult:
     metrics.update(answer_accuracy(
         trainer.model, tokenizer, eval_rows(cfg, cfg.train.eval_limit), max_new_tokens=cfg.train.eval_max_new_tokens
     ))
-    logger.log(trainer.state.global_step, **metrics)
-    logger.close()
-    write_json(output_dir / "eval.json", metrics)
-    result = StageResult("sft", str(output_dir), metrics, time.time() - start)
-    result.save()
-    return result
+    return finish_stage(trainer, logger, "sft", output_dir, metrics, start)
