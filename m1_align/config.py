@@ -71,12 +71,15 @@ class DataConfig(Section):
     builtin: bool = True  # build the offline medical datasets (m1_align.data) for this stage
     cache_dir: str = "data_cache"  # where built datasets live (shared across runs)
     train_file: str | None = None  # user data: JSONL, Parquet or a saved `datasets` folder
-    eval_file: str | None = None  # user held-out data in the same shape
+    eval_file: str | None = None  # user held-out data in the stage's training shape (conversations, pairs, ...)
+    # held-out questions with a checkable answer (prompt, answer[, rule, task]) for answer accuracy;
+    # default: the built medical eval split
+    answer_eval_file: str | None = None
     max_per_task: int = Field(2000, ge=1)  # rows per task and training split in the built data
     eval_per_task: int = Field(200, ge=1)  # rows per task in each held-out split
     seed: int = 0  # data build seed (independent of the training seed)
 
-    _paths = field_validator("cache_dir", "train_file", "eval_file")(_check_path)
+    _paths = field_validator("cache_dir", "train_file", "eval_file", "answer_eval_file")(_check_path)
 
 
 class TrainConfig(Section):

@@ -5,40 +5,53 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import SMALL_DATA, stage_overrides
+from conftest import stage_overrides
 
 from m1_align.config import ELOConfig, PPOConfig, SFTConfig, validate
 
 
 @pytest.fixture(scope="session")
-def sft_model_dir(data_cache, tiny_model_dir, tmp_path_factory):
-    """The tiny model after a short SFT: it now ends its answers with an `Answer:` line."""
+def task_files(built_data, tmp_path_factory):
+    """One medical task alone (ICD-10-CM code -> Elixhauser comorbidity category), as user files: SFT
+    conversations, RL prompts and held-out questions. Its reasoning restates the code and description
+    from the question, which a tiny model learns within a short test."""
+    from m1_align.data.build import read_split_rows
+
+    folder = tmp_path_factory.mktemp("elixhauser")
+    for split, name in (("sft", "train.jsonl"), ("rl", "rl.jsonl"), ("eval", "eval.jsonl")):
+        rows = [r for r in read_split_rows(built_data, split) if r["task"] == "elixhauser"]
+        (folder / name).write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return folder / "train.jsonl", folder / "rl.jsonl", folder / "eval.jsonl"
+
+
+@pytest.fixture(scope="session")
+def sft_model_dir(data_cache, tiny_model_dir, task_files, tmp_path_factory):
+    """The tiny model after a short SFT: it now reasons briefly and ends with an `Answer:` line."""
     from m1_align.sft.trainer import run
 
     out = tmp_path_factory.mktemp("sft_for_rl") / "sft"
-    extra = {"train.max_steps": 60, "train.batch_size": 8, "train.max_length": 512, "train.learning_rate": 3e-3,
-             "train.eval_limit": 20, "train.eval_max_new_tokens": 64, "train.save_steps": 1000}
+    extra = {"train.max_steps": 100, "train.batch_size": 8, "train.max_length": 512, "train.learning_rate": 3e-3,
+             "train.eval_max_new_tokens": 128, "train.save_steps": 1000,
+             "data.train_file": str(task_files[0]), "data.answer_eval_file": str(task_files[2])}
     run(validate(SFTConfig, stage_overrides(data_cache, out, tiny_model_dir, **extra), "test"))
     return out
 
 
 @pytest.mark.slow
-def test_sft_raises_answer_accuracy_above_base(data_cache, tiny_model_dir, sft_model_dir):
+def test_sft_raises_answer_accuracy_above_base(task_files, tiny_model_dir, sft_model_dir):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from m1_align.config import DataConfig, StageConfig
-    from m1_align.data.stage_data import eval_rows
     from m1_align.evaluation.verifiable import answer_accuracy
 
-    rows = eval_rows(StageConfig(data=DataConfig(cache_dir=str(data_cache), **SMALL_DATA)), 20)
+    rows = [json.loads(line) for line in task_files[2].read_text().splitlines()]
     base = answer_accuracy(AutoModelForCausalLM.from_pretrained(str(tiny_model_dir)),
-                           AutoTokenizer.from_pretrained(str(tiny_model_dir)), rows, max_new_tokens=64)
+                           AutoTokenizer.from_pretrained(str(tiny_model_dir)), rows, max_new_tokens=128)
     sft = json.loads((sft_model_dir / "eval.json").read_text())
     print(f"held-out answer accuracy: base {base['accuracy/overall']:.3f}, after SFT {sft['accuracy/overall']:.3f}")
     assert sft["accuracy/overall"] > base["accuracy/overall"]
 
 
-ONLINE = {"rollout.max_new_tokens": 40, "train.eval_limit": 4, "train.max_length": 512, "rollout.kv_cache_gib": 0.5}
+ONLINE = {"rollout.max_new_tokens": 128, "train.eval_limit": 4, "train.max_length": 512, "rollout.kv_cache_gib": 0.5}
 
 
 def metrics(output_dir):
@@ -46,17 +59,18 @@ def metrics(output_dir):
 
 
 def elo_config(data_cache, out, model_dir, **extra):
-    values = {**ONLINE, "train.learning_rate": 1e-3, "train.max_steps": 6, "elo.k": 4, "elo.prompts_per_step": 4,
+    values = {**ONLINE, "train.learning_rate": 1e-4, "train.max_steps": 6, "elo.k": 4, "elo.prompts_per_step": 4,
               "elo.lambda_answer": 1.0, "train.lr_scheduler": "constant", "train.warmup_ratio": 0.0, **extra}
     return validate(ELOConfig, stage_overrides(data_cache, out, model_dir, **values), "test")
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("engine", ["hf", "vllm"])
-def test_elo_raises_gold_answer_likelihood(engine, data_cache, sft_model_dir, tmp_path):
+def test_elo_raises_gold_answer_likelihood(engine, data_cache, sft_model_dir, task_files, tmp_path):
     from m1_align.rl.elo import run
 
-    result = run(elo_config(data_cache, tmp_path / "elo", sft_model_dir, **{"rollout.engine": engine}))
+    result = run(elo_config(data_cache, tmp_path / "elo", sft_model_dir, **{"rollout.engine": engine,
+                 "data.train_file": str(task_files[1]), "data.answer_eval_file": str(task_files[2])}))
     m = result.metrics
     assert m["gold_answer_logp"] > m["initial/gold_answer_logp"]
     assert m["accuracy/overall"] >= m["initial/accuracy/overall"] - 0.05
@@ -66,16 +80,15 @@ def test_elo_raises_gold_answer_likelihood(engine, data_cache, sft_model_dir, tm
 
 
 @pytest.fixture(scope="session")
-def letter_a_prompts(data_cache, tmp_path_factory):
-    """A toy verifiable task: the medical MCQ prompts, rewarded only for answering A."""
-    from m1_align.config import DataConfig
-    from m1_align.data import build_from_config
-    from m1_align.data.build import read_split_rows
+def one_answer_prompts(task_files, tmp_path_factory):
+    """A toy verifiable task: the task's prompts, rewarded only for one answer (its most common one)."""
+    from collections import Counter
 
-    rows = [r for r in read_split_rows(build_from_config(DataConfig(cache_dir=str(data_cache), **SMALL_DATA)), "rl")
-            if r["task"] == "hpo_disease_mcq"]
-    path = tmp_path_factory.mktemp("toy") / "letter_a.jsonl"
-    path.write_text("".join(json.dumps({"prompt": r["prompt"], "answer": "A", "rule": "mcq_letter", "task": "letter_a"}) + "\n" for r in rows))
+    rows = [json.loads(line) for line in task_files[1].read_text().splitlines()]
+    target = Counter(r["answer"] for r in rows).most_common(1)[0][0]
+    path = tmp_path_factory.mktemp("toy") / "one_answer.jsonl"
+    path.write_text("".join(json.dumps({"prompt": r["prompt"], "answer": target, "rule": "exact_term", "task": "one_answer"}) + "\n"
+                            for r in rows))
     return path
 
 
@@ -88,16 +101,16 @@ def ppo_config(data_cache, out, model_dir, **extra):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("engine", ["hf", "vllm"])
-def test_ppo_learns_a_toy_verifiable_reward(engine, data_cache, sft_model_dir, letter_a_prompts, tmp_path):
+def test_ppo_learns_a_toy_verifiable_reward(engine, data_cache, sft_model_dir, one_answer_prompts, tmp_path):
     from m1_align.rl.ppo import run
 
     cfg = ppo_config(data_cache, tmp_path / "ppo", sft_model_dir, **{"rollout.engine": engine,
-                     "data.train_file": str(letter_a_prompts), "data.eval_file": str(letter_a_prompts)})
+                     "data.train_file": str(one_answer_prompts), "data.answer_eval_file": str(one_answer_prompts)})
     run(cfg)
     steps = [r for r in metrics(tmp_path / "ppo") if "reward/mean" in r]
     first, last = steps[:4], steps[-4:]
     mean = lambda rows, key: sum(r[key] for r in rows) / len(rows)  # noqa: E731
-    assert mean(last, "reward/rule:mcq_letter") > mean(first, "reward/rule:mcq_letter") + 0.2
+    assert mean(last, "reward/rule:exact_term") > mean(first, "reward/rule:exact_term") + 0.2
     assert max(r["kl"] for r in steps) < 5.0
     assert all(r["sync/logprob_diff"] < 0.01 for r in steps)
     for key in ("clip_fraction", "approx_kl", "value_loss", "entropy", "explained_variance", "eos_rate", "time/generate", "time/sync"):
@@ -106,15 +119,17 @@ def test_ppo_learns_a_toy_verifiable_reward(engine, data_cache, sft_model_dir, l
 
 @pytest.mark.slow
 @pytest.mark.parametrize("stage", ["elo", "ppo"])
-def test_online_resume_continues_the_same_run(stage, data_cache, sft_model_dir, letter_a_prompts, tmp_path, monkeypatch):
+def test_online_resume_continues_the_same_run(stage, data_cache, sft_model_dir, one_answer_prompts, task_files, tmp_path,
+                                               monkeypatch):
     import importlib
 
     module = importlib.import_module(f"m1_align.rl.{stage}")
     loop = module.ELOLoop if stage == "elo" else module.PPOLoop
     make = elo_config if stage == "elo" else ppo_config
     extra = {"rollout.engine": "hf", "train.max_steps": 4, "train.save_steps": 2}
+    extra.update({"data.train_file": str(task_files[1]), "data.answer_eval_file": str(task_files[2])})
     if stage == "ppo":
-        extra.update({"data.train_file": str(letter_a_prompts), "data.eval_file": str(letter_a_prompts)})
+        extra.update({"data.train_file": str(one_answer_prompts), "data.answer_eval_file": str(one_answer_prompts)})
     module.run(make(data_cache, tmp_path / "straight", sft_model_dir, **extra))
 
     original = loop.step

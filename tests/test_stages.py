@@ -62,8 +62,9 @@ def test_tdpo_raises_heldout_preference_accuracy_and_margin(data_cache, tiny_mod
     result = run("tdpo", config("tdpo", data_cache, tmp_path / "tdpo", tiny_model_dir,
                                 **{"train.max_steps": 30, "train.learning_rate": 2e-3, "train.batch_size": 8}))
     m = result.metrics
-    assert m["rewards/accuracy"] > m["before/rewards/accuracy"] + 0.1
-    assert m["rewards/margin"] > m["before/rewards/margin"] + 0.05
+    # the policy prefers the chosen answers of held-out pairs more often than the reference did
+    assert m["preference/accuracy"] > m["before/preference/accuracy"] + 0.05
+    assert m["rewards/margin"] > m["before/rewards/margin"] + 0.05 and m["rewards/accuracy"] > 0.5
     assert (tmp_path / "tdpo" / "model" / "model.safetensors").is_file()
 
 

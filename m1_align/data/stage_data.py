@@ -80,9 +80,10 @@ def limit_per_task(rows: list[dict[str, Any]], limit: int | None) -> list[dict[s
 
 def eval_rows(cfg: StageConfig, limit: int | None = None) -> list[dict[str, Any]]:
     """Held-out verifiable questions: `prompt` (messages), `answer`, `rule`, `task`."""
-    if cfg.data.eval_file:
+    if cfg.data.answer_eval_file:
         # user rows may omit how to check them: exact (normalised) match under the task "user"
-        rows = [{"rule": "exact_term", "task": "user", **{k: v for k, v in r.items() if v is not None}} for r in _user(cfg.data.eval_file, "rl")]
+        rows = [{"rule": "exact_term", "task": "user", **{k: v for k, v in r.items() if v is not None}}
+                for r in _user(cfg.data.answer_eval_file, "rl")]
     elif cfg.data.builtin:
         rows = _split(cfg, "eval")
     else:
