@@ -154,7 +154,9 @@ class OnlineLoop:
             return make_engine("hf", model=policy, tokenizer=self.tokenizer)
         threads = torch.get_num_threads()
         engine = make_engine(
-            "vllm", model_dir=str(model_dir), tokenizer=self.tokenizer, dtype=self.cfg.model.dtype,
+            # the engine samples in the trainer's dtype, so its log-probs match the trainer's (vLLM's CPU default is bf16)
+            "vllm", model_dir=str(model_dir), tokenizer=self.tokenizer,
+            dtype=str(resolve_dtype(self.cfg.model.dtype)).removeprefix("torch."),
             kv_cache_gib=r.kv_cache_gib, gpu_memory_utilization=r.gpu_memory_utilization,
             tensor_parallel_size=r.tensor_parallel_size, enforce_eager=r.enforce_eager, in_process=r.in_process,
             seed=self.cfg.seed, max_model_len=self.cfg.train.max_length + r.max_new_tokens,
