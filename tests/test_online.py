@@ -94,8 +94,8 @@ def one_answer_prompts(task_files, tmp_path_factory):
 
 
 def ppo_config(data_cache, out, model_dir, **extra):
-    values = {**ONLINE, "train.learning_rate": 5e-4, "train.max_steps": 24, "ppo.prompts_per_step": 8,
-              "ppo.samples_per_prompt": 2, "ppo.minibatch_size": 8, "ppo.kl_coef": 0.01, "ppo.critic_learning_rate": 1e-3,
+    values = {**ONLINE, "train.learning_rate": 5e-4, "train.max_steps": 20, "ppo.prompts_per_step": 8,
+              "ppo.samples_per_prompt": 4, "ppo.minibatch_size": 16, "ppo.missing_eos_penalty": 0.0, "ppo.kl_coef": 0.01, "ppo.critic_learning_rate": 1e-3,
               "train.lr_scheduler": "constant", "train.warmup_ratio": 0.0, "reward.mode": "rule", **extra}
     return validate(PPOConfig, stage_overrides(data_cache, out, model_dir, **values), "test")
 
