@@ -42,14 +42,14 @@ def sft_model_dir(data_cache, tiny_model_dir, task_files, tmp_path_factory):
 def test_sft_raises_answer_accuracy_above_base(task_files, tiny_model_dir, sft_model_dir):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from m1_align.evaluation.verifiable import answer_accuracy
+    from m1_align.evaluation.benchmarks import answer_accuracy
 
     rows = [json.loads(line) for line in task_files[2].read_text().splitlines()]
     base = answer_accuracy(AutoModelForCausalLM.from_pretrained(str(tiny_model_dir)),
                            AutoTokenizer.from_pretrained(str(tiny_model_dir)), rows, max_new_tokens=128)
     sft = json.loads((sft_model_dir / "eval.json").read_text())
-    print(f"held-out answer accuracy: base {base['accuracy/overall']:.3f}, after SFT {sft['accuracy/overall']:.3f}")
-    assert sft["accuracy/overall"] > base["accuracy/overall"]
+    print(f"held-out answer accuracy: base {base['verifiable/accuracy']:.3f}, after SFT {sft['verifiable/accuracy']:.3f}")
+    assert sft["verifiable/accuracy"] > base["verifiable/accuracy"]
 
 
 ONLINE = {"rollout.max_new_tokens": 128, "train.eval_limit": 4, "train.max_length": 512, "rollout.kv_cache_gib": 0.5}
@@ -74,7 +74,7 @@ def test_elo_raises_gold_answer_likelihood(engine, data_cache, sft_model_dir, ta
                  "data.train_file": str(task_files[1]), "data.answer_eval_file": str(task_files[2])}))
     m = result.metrics
     assert m["gold_answer_logp"] > m["initial/gold_answer_logp"]
-    assert m["accuracy/overall"] >= m["initial/accuracy/overall"] - 0.05
+    assert m["verifiable/accuracy"] >= m["initial/verifiable/accuracy"] - 0.05
     steps = [r for r in metrics(tmp_path / "elo") if "loss" in r]
     assert steps, "every step was skipped: no reasoning path reached the answer"
     assert all(r["sync/logprob_diff"] < 0.01 for r in steps)  # the engine samples from the trained weights

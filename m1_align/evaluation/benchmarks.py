@@ -19,10 +19,10 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+from tqdm.auto import tqdm
 
 from m1_align.data.chat import apply_chat_template
 from m1_align.data.tasks import LETTERS
-from m1_align.evaluation.verifiable import greedy_generate
 from m1_align.reward_models.evaluate import score_conversations
 from m1_align.reward_models.rules import score
 
@@ -39,6 +39,33 @@ def prompt_ids(tokenizer, messages: Messages) -> list[int]:
     """The chat prompt with the generation prompt (the tokenizer's template, else Baichuan-M1's)."""
     text = apply_chat_template(tokenizer, messages, add_generation_prompt=True)
     return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+@torch.no_grad()
+def greedy_generate(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, batch_size: int = 16) -> list[str]:
+    """Batched greedy decoding with left padding; returns the decoded completions."""
+    device = next(model.parameters()).device
+    pad = tokenizer.pad_token_id
+    outputs: list[str] = []
+    was_training = model.training
+    model.eval()
+    for start in tqdm(range(0, len(prompts), batch_size), desc="generate", leave=False, disable=len(prompts) <= batch_size):
+        batch = prompts[start : start + batch_size]
+        width = max(len(p) for p in batch)
+        input_ids = torch.tensor([[pad] * (width - len(p)) + p for p in batch], device=device)
+        attention_mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in batch], device=device)
+        generated = model.generate(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            pad_token_id=pad,
+            eos_token_id=tokenizer.eos_token_id,
+        )
+        for row in generated[:, width:]:
+            outputs.append(tokenizer.decode(row, skip_special_tokens=True))
+    model.train(was_training)
+    return outputs
 
 
 def hf_generator(model, tokenizer, max_new_tokens: int, batch_size: int) -> Generate:
@@ -185,6 +212,11 @@ def verifiable_sets(rows: list[dict[str, Any]], generate: Generate) -> tuple[Met
             [x["correct"] for x in samples if x["task"] == task]
         )
     return metrics, samples
+
+
+def answer_accuracy(model, tokenizer, rows: list[dict[str, Any]], max_new_tokens: int = 96, batch_size: int = 16) -> Metrics:
+    """verifiable_sets with greedy HF generation: what a trainer stage reports at its end."""
+    return verifiable_sets(rows, hf_generator(model, tokenizer, max_new_tokens, batch_size))[0] if rows else {}
 
 
 # ---------------------------------------------------------------------------------------------

@@ -20,7 +20,7 @@ from trl.trainer.utils import use_adapter
 
 from m1_align.config import TDPOConfig
 from m1_align.data.stage_data import eval_rows, preference_datasets
-from m1_align.evaluation.verifiable import answer_accuracy
+from m1_align.evaluation.benchmarks import answer_accuracy
 from m1_align.preference.losses import preference_loss, token_terms
 from m1_align.runs import MetricsLogger, StageResult, prepare_output_dir
 from m1_align.training import (

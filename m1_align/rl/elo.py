@@ -19,7 +19,7 @@ import torch
 
 from m1_align.config import ELOConfig
 from m1_align.data.stage_data import eval_rows, rl_rows
-from m1_align.evaluation.verifiable import prompt_ids
+from m1_align.evaluation.benchmarks import prompt_ids
 from m1_align.rl.common import right_pad, span_mask, token_logprobs
 from m1_align.rl.loop import OnlineLoop
 

@@ -19,8 +19,7 @@ from tqdm.auto import tqdm
 from transformers import get_scheduler
 
 from m1_align.config import StageConfig
-from m1_align.evaluation.verifiable import prompt_ids
-from m1_align.reward_models.rules import score
+from m1_align.evaluation.benchmarks import prompt_ids, verifiable_sets
 from m1_align.rl.common import CHECKPOINT_DIR, load_checkpoint, load_optimizers, save_checkpoint
 from m1_align.rl.rollout import SamplingSettings, make_engine, vllm_available
 from m1_align.runs import (
@@ -134,17 +133,16 @@ class OnlineLoop:
         return 1
 
     def answer_accuracy(self, rows: list[dict]) -> dict[str, float]:
-        """Greedy answers through the rollout engine, checked by each row's rule."""
+        """Greedy answers through the rollout engine, checked by each row's rule (as `m1-align eval` does)."""
         if not rows:
             return {}
-        outputs = self.engine.generate([prompt_ids(self.tokenizer, r["prompt"]) for r in rows], self.sampling(greedy=True))
-        self.last_eval_completions = [o[0].token_ids for o in outputs]
-        by_task: dict[str, list[float]] = {}
-        for row, out in zip(rows, outputs, strict=True):
-            by_task.setdefault(row["task"], []).append(score(row["rule"], out[0].text, row["answer"]).score)
-        result = {f"accuracy/{t}": sum(v) / len(v) for t, v in sorted(by_task.items())}
-        result["accuracy/overall"] = sum(sum(v) for v in by_task.values()) / len(rows)
-        return result
+
+        def generate(prompts):
+            outputs = self.engine.generate([prompt_ids(self.tokenizer, p) for p in prompts], self.sampling(greedy=True))
+            self.last_eval_completions = [o[0].token_ids for o in outputs]
+            return [o[0].text for o in outputs]
+
+        return verifiable_sets(rows, generate)[0]
 
     def _make_engine(self, model_dir: Path):
         """vLLM reads the starting checkpoint and is then kept in sync; HF generate samples from the policy itself."""

@@ -24,7 +24,7 @@ import torch
 
 from m1_align.config import ConfigError, PPOConfig
 from m1_align.data.stage_data import eval_rows, rl_rows
-from m1_align.evaluation.verifiable import prompt_ids
+from m1_align.evaluation.benchmarks import prompt_ids
 from m1_align.reward_models.router import RewardRouter
 from m1_align.rl.loop import OnlineLoop
 from m1_align.training import load_model, resolve_model_dir

@@ -16,7 +16,7 @@ from trl import SFTTrainer
 
 from m1_align.config import SFTConfig
 from m1_align.data.stage_data import eval_rows, sft_datasets
-from m1_align.evaluation.verifiable import answer_accuracy
+from m1_align.evaluation.benchmarks import answer_accuracy
 from m1_align.runs import MetricsLogger, StageResult, prepare_output_dir
 from m1_align.training import (
     MetricsCallback,
