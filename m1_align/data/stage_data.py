@@ -64,7 +64,7 @@ def preference_datasets(cfg: StageConfig, keep: tuple[str, ...] = ()) -> tuple[D
         held = [_as_trl_preference(r, keep) for r in _user(cfg.data.eval_file, "preference")] if cfg.data.eval_file else None
     else:
         train = [_as_trl_preference(r, keep) for r in _split(cfg, "preference")]
-        held = [_as_trl_preference(r, keep) for r in _split(cfg, "eval_preference")]
+        held = [_as_trl_preference(r, keep) for r in limit_per_task(_split(cfg, "eval_preference"), cfg.train.eval_limit)]
     return Dataset.from_list(train), Dataset.from_list(held) if held else None
 
 
