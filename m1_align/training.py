@@ -60,6 +60,7 @@ def load_model(cfg: ModelConfig, kind: str = "causal_lm", model_dir: Path | None
     import m1_align.model  # noqa: F401  (registers baichuan_m1 with AutoConfig / AutoModel*)
 
     model_dir = model_dir or resolve_model_dir(cfg.path)
+    _init_deepspeed_comm()
     auto = AutoModelForCausalLM if kind == "causal_lm" else AutoModelForSequenceClassification
     model = auto.from_pretrained(
         str(model_dir), dtype=resolve_dtype(cfg.dtype), trust_remote_code=cfg.trust_remote_code, **kwargs
@@ -68,6 +69,18 @@ def load_model(cfg: ModelConfig, kind: str = "causal_lm", model_dir: Path | None
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
     return model
+
+
+def _init_deepspeed_comm() -> None:
+    """ZeRO-3 partitions weights while loading (deepspeed.zero.Init), which needs DeepSpeed's process
+    group up before the Trainer would start it; otherwise it counts one process and rejects the batch sizes."""
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
+    if is_deepspeed_zero3_enabled():
+        import deepspeed
+
+        if not deepspeed.comm.is_initialized():
+            deepspeed.init_distributed()
 
 
 def peft_config(lora: LoraConfig, task_type: str = "CAUSAL_LM"):
@@ -185,6 +198,7 @@ def save_final(trainer, tokenizer, cfg: StageConfig, output_dir: Path) -> Path:
         tokenizer.save_pretrained(str(merged_dir))
         atomic_replace_dir(merged_dir, output_dir / f"{FINAL_MODEL}-merged")
     tokenizer.save_pretrained(str(tmp))
+    (tmp / "training_args.bin").unlink(missing_ok=True)  # a pickle; the config that made the model is the YAML below
     atomic_write_text(tmp / "m1_align_config.yaml", dump_config(cfg))
     atomic_replace_dir(tmp, final)
     return final
