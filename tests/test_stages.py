@@ -75,3 +75,34 @@ def test_rm_learns_pairs_and_writes_report_metrics(data_cache, tiny_model_dir, t
     m = result.metrics
     assert m["accuracy"] > 0.6 and 0.0 <= m["ece"] <= 1.0
     assert (tmp_path / "rm" / "model" / "config.json").is_file()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("zero", ["zero2", "zero3"])
+def test_sft_with_deepspeed_on_two_cpu_processes(zero, data_cache, tiny_model_dir, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from conftest import SMALL_DATA
+
+    out = tmp_path / zero
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "m1_align.cli", "sft",
+        f"output_dir={out}", f"model.path={tiny_model_dir}", f"data.cache_dir={data_cache}",
+        *(f"data.{k}={v}" for k, v in SMALL_DATA.items()),
+        f"train.deepspeed=configs/deepspeed/{zero}.json", "train.max_steps=3", "train.batch_size=2",
+        "train.max_length=512", "train.eval_limit=1", "train.eval_max_new_tokens=4",
+    ]
+    done = subprocess.run(command, env={**os.environ, "DS_ACCELERATOR": "cpu"}, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads((out / "result.json").read_text())
+    assert result["metrics"]["steps"] == 3
+    log = (out / "metrics.jsonl").read_text()
+    assert log.count('"train_loss"') == 2  # one trainer summary and one stage summary, from the main process only
+    from transformers import AutoModelForCausalLM
+
+    import m1_align.model  # noqa: F401
+
+    model = AutoModelForCausalLM.from_pretrained(str(out / "model"))  # gathered, full weights
+    assert sum(p.numel() for p in model.parameters()) > 0 and not (out / "model" / "training_args.bin").exists()
