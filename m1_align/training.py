@@ -3,6 +3,7 @@ metrics.jsonl, resume and the final save. The algorithms live in their own folde
 
 from __future__ import annotations
 
+import copy
 import json
 import shutil
 import time
@@ -193,7 +194,8 @@ def save_final(trainer, tokenizer, cfg: StageConfig, output_dir: Path) -> Path:
     model = trainer.model
     if cfg.model.lora.enabled and cfg.model.lora.merge_on_save and hasattr(model, "merge_and_unload"):
         merged_dir = output_dir / f".{FINAL_MODEL}-merged.tmp"
-        merged = model.merge_and_unload() if not hasattr(model, "module") else model.module.merge_and_unload()
+        # merge a copy: merge_and_unload strips the adapter from the model it is called on
+        merged = copy.deepcopy(getattr(model, "module", model)).merge_and_unload()
         merged.save_pretrained(str(merged_dir), safe_serialization=True)
         tokenizer.save_pretrained(str(merged_dir))
         atomic_replace_dir(merged_dir, output_dir / f"{FINAL_MODEL}-merged")

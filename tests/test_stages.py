@@ -106,3 +106,15 @@ def test_sft_with_deepspeed_on_two_cpu_processes(zero, data_cache, tiny_model_di
 
     model = AutoModelForCausalLM.from_pretrained(str(out / "model"))  # gathered, full weights
     assert sum(p.numel() for p in model.parameters()) > 0 and not (out / "model" / "training_args.bin").exists()
+
+
+@pytest.mark.slow
+def test_tdpo_with_lora_takes_the_adapter_disabled_policy_as_reference(data_cache, tiny_model_dir, tmp_path):
+    cfg = config("tdpo", data_cache, tmp_path / "lora", tiny_model_dir,
+                 **{"train.max_steps": 3, "train.learning_rate": 5e-3, "model.lora.enabled": True, "model.lora.r": 4,
+                    "model.lora.merge_on_save": True})
+    m = run("tdpo", cfg).metrics
+    # with the adapter off the network is the reference: no KL before training, some after
+    assert m["before/rewards/margin"] == 0.0 and m["seqkl/chosen"] > 0.0
+    assert (tmp_path / "lora" / "model" / "adapter_config.json").is_file()
+    assert (tmp_path / "lora" / "model-merged" / "model.safetensors").is_file()
