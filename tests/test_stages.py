@@ -53,8 +53,11 @@ def test_interrupted_run_resumes_to_the_same_result(stage, data_cache, tiny_mode
             run(stage, config(stage, data_cache, tmp_path / "resumed", tiny_model_dir, **steps))
     assert not (tmp_path / "resumed" / "result.json").exists()
     resumed = run(stage, config(stage, data_cache, tmp_path / "resumed", tiny_model_dir, **steps))
+    # every logged step, the last one included, has the loss of the uninterrupted run (HF's summary
+    # `train_loss` averages only the steps of the resumed process, so it is not compared)
     assert losses(tmp_path / "resumed") == pytest.approx(losses(tmp_path / "straight"), rel=1e-5)
-    assert resumed.metrics["train_loss"] == pytest.approx(straight.metrics["train_loss"], rel=1e-5)
+    assert sorted(losses(tmp_path / "resumed")) == [1, 2, 3, 4, 5, 6]
+    assert resumed.metrics["steps"] == straight.metrics["steps"] == 6
 
 
 @pytest.mark.slow

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import time
 
+from transformers import set_seed
 from trl import RewardConfig, RewardTrainer
 
 from m1_align.config import ConfigError, RMConfig
@@ -48,6 +49,7 @@ def run(cfg: RMConfig) -> StageResult:
     model_dir = resolve_model_dir(cfg.model.path)
     tokenizer = load_tokenizer(cfg.model, model_dir)
     train, held = preference_datasets(cfg, keep=[cfg.rm.margin_column] if cfg.rm.margin_column else ())
+    set_seed(cfg.seed)  # the scalar head is initialised at load time: same seed, same reward model
     model = load_model(cfg.model, kind="seq_cls", model_dir=model_dir, num_labels=1)
     model.config.pad_token_id = tokenizer.pad_token_id
     logger = MetricsLogger(output_dir, run_name="rm")
