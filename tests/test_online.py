@@ -156,3 +156,103 @@ def test_online_resume_continues_the_same_run(stage, data_cache, sft_model_dir, 
     key = "loss" if stage == "elo" else "policy_loss"
     for step in (3, 4):
         assert resumed[step].get(key) == pytest.approx(straight[step].get(key), rel=1e-4, abs=1e-6)
+
+
+def torchrun(stage: str, overrides: dict, processes: int = 2, timeout: int = 900):
+    """`m1-align <stage>` on several CPU processes; returns the Popen object (started)."""
+    import os
+    import subprocess
+    import sys
+
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes), "-m", "m1_align.cli", stage,
+               *(f"{k}={v}" for k, v in overrides.items())]
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+
+
+def cli_overrides(data_cache, out, model_dir, values: dict) -> dict:
+    from conftest import SMALL_DATA
+
+    return {"output_dir": out, "model.path": model_dir, "data.cache_dir": data_cache,
+            **{f"data.{k}": v for k, v in SMALL_DATA.items()}, **values}
+
+
+@pytest.mark.slow
+def test_elo_on_two_deepspeed_processes_equals_one_process(data_cache, sft_model_dir, task_files, tmp_path):
+    """Data parallel ELO (ZeRO-2, each rank samples and trains on half of the questions) takes the same
+    steps as one process on the whole batch. Greedy paths make the samples independent of how the batch
+    is split, so the losses must agree: the ranks' averaged gradient is the whole batch's gradient."""
+    from m1_align.rl.elo import run
+
+    # a decaying learning rate: DeepSpeed's optimizer must follow the loop's scheduler
+    values = {**ONLINE, "rollout.engine": "hf", "rollout.temperature": 0.0, "train.max_steps": 3, "train.save_steps": 3, "elo.k": 4,
+              "elo.prompts_per_step": 4, "elo.drop_degenerate": False, "elo.lambda_answer": 1.0, "train.learning_rate": 3e-4,
+              "train.lr_scheduler": "linear", "train.warmup_ratio": 0.0,
+              "data.train_file": str(task_files[1]), "data.answer_eval_file": str(task_files[2])}
+    run(elo_config(data_cache, tmp_path / "one", sft_model_dir, **values))
+    proc = torchrun("elo", cli_overrides(data_cache, tmp_path / "two", sft_model_dir,
+                                         {**values, "train.deepspeed": "configs/deepspeed/zero2.json"}))
+    output, _ = proc.communicate(timeout=900)
+    assert proc.returncode == 0, output[-3000:]
+    one = [r for r in metrics(tmp_path / "one") if "loss" in r]
+    two = [r for r in metrics(tmp_path / "two") if "loss" in r]
+    assert [r["step"] for r in two] == [1, 2, 3]
+    for a, b in zip(one, two, strict=True):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-3)
+        assert b["reward/mean"] == pytest.approx(a["reward/mean"], rel=1e-3)
+        assert b["sync/logprob_diff"] < 0.01
+    assert (tmp_path / "two" / "model" / "model.safetensors").is_file()
+
+
+@pytest.mark.slow
+def test_ppo_on_two_zero3_processes_with_vllm_resumes_after_a_kill(data_cache, sft_model_dir, one_answer_prompts, tmp_path):
+    """ZeRO-3 partitions actor and critic over two processes; each rank's own vLLM engine gets the
+    gathered weights after every update (checked by the probe), and a run killed after a checkpoint
+    resumes from DeepSpeed's partitioned optimizer states."""
+    import time
+
+    import psutil
+
+    out = tmp_path / "ppo"
+    values = {**ONLINE, "rollout.engine": "vllm", "train.max_steps": 6, "train.save_steps": 1, "ppo.prompts_per_step": 4,
+              "ppo.samples_per_prompt": 2, "ppo.minibatch_size": 4, "ppo.missing_eos_penalty": 0.0, "reward.mode": "rule",
+              "train.learning_rate": 5e-4, "train.lr_scheduler": "constant", "train.warmup_ratio": 0.0,
+              "train.deepspeed": "configs/deepspeed/zero3.json",
+              "data.train_file": str(one_answer_prompts), "data.answer_eval_file": str(one_answer_prompts)}
+    overrides = cli_overrides(data_cache, out, sft_model_dir, values)
+    proc = torchrun("ppo", overrides)
+    deadline = time.time() + 900
+    state = out / "checkpoint" / "state.json"
+    while not (state.is_file() and json.loads(state.read_text())["step"] >= 2) and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.5)
+    for process in [*psutil.Process(proc.pid).children(recursive=True), psutil.Process(proc.pid)]:
+        process.kill()  # torchrun puts its workers in sessions of their own: kill every one
+    output, _ = proc.communicate()
+    assert state.is_file(), output[-3000:]
+    killed_at = json.loads(state.read_text())["step"]
+    assert 2 <= killed_at < 6 and not (out / "result.json").exists()
+
+    proc = torchrun("ppo", overrides)
+    output, _ = proc.communicate(timeout=900)
+    assert proc.returncode == 0, output[-3000:]
+    steps = [r for r in metrics(out) if "policy_loss" in r]
+    assert [r["step"] for r in steps] == [1, 2, 3, 4, 5, 6]
+    assert all(r["sync/logprob_diff"] < 0.01 for r in steps)
+    assert json.loads((out / "result.json").read_text())["metrics"]["steps"] == 6
+
+
+@pytest.mark.slow
+def test_ppo_with_lora_syncs_merged_weights_into_vllm(data_cache, sft_model_dir, one_answer_prompts, tmp_path):
+    """LoRA PPO: the reference is the adapter-disabled policy (no KL before the first update), vLLM gets
+    the merged weights after every update, and the stage writes the adapter beside the model."""
+    from m1_align.rl.ppo import run
+
+    cfg = ppo_config(data_cache, tmp_path / "lora", sft_model_dir, **{
+        "rollout.engine": "vllm", "train.max_steps": 2, "ppo.prompts_per_step": 4, "ppo.samples_per_prompt": 2,
+        "ppo.minibatch_size": 8, "model.lora.enabled": True, "model.lora.r": 4, "train.learning_rate": 5e-3,
+        "data.train_file": str(one_answer_prompts), "data.answer_eval_file": str(one_answer_prompts)})
+    run(cfg)
+    steps = [r for r in metrics(tmp_path / "lora") if "policy_loss" in r]
+    assert steps[0]["kl"] == pytest.approx(0.0, abs=1e-6)  # LoRA's B starts at zero: policy == reference
+    assert all(r["sync/logprob_diff"] < 0.01 for r in steps)
+    assert (tmp_path / "lora" / "adapter" / "adapter_config.json").is_file()

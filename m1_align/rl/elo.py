@@ -133,6 +133,7 @@ class ELOLoop(OnlineLoop):
         self.rows = rl_rows(self.cfg)
         self.eval_set = eval_rows(self.cfg, self.cfg.train.eval_limit)
         self.delimiter = self.cfg.elo.answer_delimiter
+        self.per_rank(self.cfg.elo.prompts_per_step, "elo.prompts_per_step")
 
     def total_steps(self) -> int:
         if self.cfg.train.max_steps > 0:
@@ -144,7 +145,7 @@ class ELOLoop(OnlineLoop):
 
     def step(self, step: int) -> dict[str, float]:
         cfg, tok = self.cfg, self.tokenizer
-        rows = self.prompt_batch(step, cfg.elo.prompts_per_step)
+        rows = self.shard(self.prompt_batch(step, cfg.elo.prompts_per_step))  # this rank's questions
         prompts = [prompt_ids(tok, r["prompt"]) for r in rows]
 
         t0 = time.time()
@@ -165,7 +166,7 @@ class ELOLoop(OnlineLoop):
         # A question needs two paths for a baseline; drop lonely ones.
         counts = {g: sum(p.group == g for p in paths) for g in {p.group for p in paths}}
         paths = [p for p in paths if counts[p.group] >= 2]
-        if not paths:
+        if self.reduce_sum(torch.tensor(float(not paths))).item() > 0:  # every rank steps, or none does
             return {**metrics, "time/sample": t1 - t0, "skipped": 1.0}
 
         groups = torch.tensor([p.group for p in paths])
@@ -174,11 +175,9 @@ class ELOLoop(OnlineLoop):
             loss, advantages = elo_loss(reasoning_logp, answer_logp, groups, cfg.elo.baseline, cfg.elo.lambda_answer)
             if cfg.elo.kl_coef > 0:
                 loss = loss + cfg.elo.kl_coef * self.reference_kl(paths)
-            self.optimizer_step(loss)
+            self.optimizer_step({"policy": loss})
         t2 = time.time()
-        policy = self.accelerator.unwrap_model(self.policy)
-        self.engine.update_weights(policy)
-        sync_diff = self.engine.verify_weights(policy, paths[0].prompt + paths[0].reasoning)
+        sync_diff = self.sync_engine(paths[0].prompt + paths[0].reasoning)
         t3 = time.time()
 
         rewards = answer_logp.detach()

@@ -1,5 +1,12 @@
 """The loop around an online RL algorithm (ELO, PPO): models, optimiser, rollout engine, resume,
-checkpoints, metrics and the final save. An algorithm subclasses `OnlineLoop` and writes `step`."""
+checkpoints, metrics and the final save. An algorithm subclasses `OnlineLoop` and writes `step`.
+
+Several processes (torchrun / accelerate launch) train data-parallel, each with its own rollout engine
+beside it (vLLM's external_launcher mode, one engine per rank, as TRL's colocate mode): every rank
+samples, scores and trains on its share of the step's prompts, gradients are averaged (DDP, or
+DeepSpeed ZeRO-2/3 with `train.deepspeed`), and every rank pushes the new weights into its engine,
+gathered first under ZeRO-3.
+"""
 
 from __future__ import annotations
 
@@ -11,14 +18,16 @@ import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from accelerate import Accelerator
+from accelerate.utils import DistributedType, gather_object
 from safetensors.torch import load_file
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
-from m1_align.config import StageConfig
+from m1_align.config import ConfigError, StageConfig
 from m1_align.evaluation.benchmarks import prompt_ids, verifiable_sets
 from m1_align.rl.common import CHECKPOINT_DIR, load_checkpoint, load_optimizers, save_checkpoint
 from m1_align.rl.rollout import SamplingSettings, make_engine, vllm_available
@@ -41,9 +50,34 @@ from m1_align.training import (
 
 @dataclass
 class Trainable:
+    """A model the loop optimises. With DeepSpeed, `engine` is its DeepSpeedEngine (which averages and
+    clips the gradients and keeps the partitioned optimizer state) and `model` is that engine."""
+
     model: torch.nn.Module
     optimizer: torch.optim.Optimizer
-    scheduler: object
+    scheduler: Any
+    engine: Any = None
+
+    @property
+    def zero_stage(self) -> int:
+        return self.engine.zero_optimization_stage() if self.engine is not None else 0
+
+
+def deepspeed_config(source: str | dict, world_size: int, max_grad_norm: float, dtype: torch.dtype) -> dict:
+    """A DeepSpeed config with its "auto" values filled in for the online loop: one micro-batch per
+    rank per optimizer step (the loop batches itself), clipping at train.max_grad_norm, bf16 as the model."""
+    config = copy.deepcopy(source) if isinstance(source, dict) else json.loads(Path(source).read_text())
+    filled = {"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1, "train_batch_size": world_size,
+              "gradient_clipping": max_grad_norm}
+    for key, value in filled.items():
+        if config.get(key, "auto") == "auto":
+            config[key] = value
+    for key, enabled in (("bf16", dtype == torch.bfloat16), ("fp16", dtype == torch.float16)):
+        if key in config and config[key].get("enabled") == "auto":
+            config[key]["enabled"] = enabled
+    config.setdefault("zero_allow_untested_optimizer", True)  # our torch AdamW
+    config.setdefault("steps_per_print", 10**9)
+    return config
 
 
 class OnlineLoop:
@@ -53,6 +87,7 @@ class OnlineLoop:
         self.cfg = cfg
         self.needs_reference = needs_reference
         self.last_eval_completions: list[list[int]] = []
+        self.current_step = 0
 
     # -- to be written by the algorithm ------------------------------------------------------
     def setup(self) -> None: ...
@@ -72,7 +107,40 @@ class OnlineLoop:
 
     def load_extra_state(self, state: dict) -> None: ...
 
-    # -- shared machinery -----------------------------------------------------------------------
+    # -- processes -------------------------------------------------------------------------------
+    @property
+    def world_size(self) -> int:
+        return self.accelerator.num_processes
+
+    @property
+    def is_main(self) -> bool:
+        return self.accelerator.is_main_process
+
+    def per_rank(self, total: int, field: str) -> int:
+        """A global batch size split evenly over the processes; a one-line error if it does not split."""
+        if total % self.world_size:
+            raise ConfigError(f"{field}={total} does not split over {self.world_size} processes; make it a multiple of {self.world_size}")
+        return total // self.world_size
+
+    def shard(self, items: list) -> list:
+        """This rank's contiguous share of a global batch."""
+        size = len(items) // self.world_size
+        return items[self.accelerator.process_index * size : (self.accelerator.process_index + 1) * size]
+
+    def reduce_sum(self, value: torch.Tensor) -> torch.Tensor:
+        return self.accelerator.reduce(value.clone(), reduction="sum") if self.world_size > 1 else value
+
+    def mean_over_ranks(self, metrics: dict[str, float]) -> dict[str, float]:
+        """Per-rank step metrics averaged over the ranks that have each key."""
+        if self.world_size == 1:
+            return metrics
+        merged: dict[str, list[float]] = {}
+        for rank_metrics in gather_object([metrics]):
+            for key, value in rank_metrics.items():
+                merged.setdefault(key, []).append(value)
+        return {key: sum(values) / len(values) for key, values in merged.items()}
+
+    # -- sampling through this rank's engine ----------------------------------------------------
     def sampling(self, n: int = 1, greedy: bool = False) -> SamplingSettings:
         r = self.cfg.rollout
         return SamplingSettings(
@@ -81,19 +149,49 @@ class OnlineLoop:
             top_p=1.0 if greedy else r.top_p,
             max_new_tokens=r.max_new_tokens,
             stop_token_ids=[self.tokenizer.eos_token_id],
-            seed=self.cfg.seed,
+            seed=self.cfg.seed + self.current_step,  # a new draw every step, the same one on resume
         )
 
-    def optimizer_step(self, loss: torch.Tensor, names: tuple[str, ...] = ("policy",)) -> float:
-        """Backward once, then clip and step the optimiser of every named model; returns the first grad norm."""
-        self.accelerator.backward(loss)
-        norms = []
-        for name in names:
+    def sync_engine(self, probe_ids: list[int]) -> float:
+        """Push the policy's weights into this rank's engine, then check a log-prob probe against the trainer
+        (under ZeRO-3 every rank runs that forward together); a stale engine raises StaleWeightsError instead
+        of sampling the next batch from old weights. Returns the largest probe difference over the ranks."""
+        policy = self.accelerator.unwrap_model(self.policy)
+        with self.full_weights("policy"):
+            self.engine.update_weights(policy)
+        diff = self.engine.verify_weights(policy, probe_ids)
+        return max(gather_object([diff])) if self.world_size > 1 else diff
+
+    def full_weights(self, name: str):
+        """Under ZeRO-3, gather a model's partitioned weights on every rank for the duration of the block."""
+        part = self.trainables[name]
+        if part.zero_stage != 3:
+            return contextlib.nullcontext()
+        import deepspeed
+
+        return deepspeed.zero.GatheredParameters(list(part.engine.module.parameters()), modifier_rank=None)
+
+    # -- optimisation ----------------------------------------------------------------------------
+    def optimizer_step(self, losses: dict[str, torch.Tensor]) -> float:
+        """Backward each model's loss, then clip and step its optimiser; returns the policy's grad norm.
+        The models share no parameters, so separate backwards equal one backward of the summed loss."""
+        for name, loss in losses.items():
             part = self.trainables[name]
-            norms.append(float(self.accelerator.clip_grad_norm_(part.model.parameters(), self.cfg.train.max_grad_norm)))
-            part.optimizer.step()
+            if part.engine is not None:
+                part.engine.backward(loss)
+            else:
+                self.accelerator.backward(loss)
+        norms = []
+        for name in losses:
+            part = self.trainables[name]
+            if part.engine is not None:
+                part.engine.step()  # averages gradients across ranks, clips, steps, zeroes
+                norms.append(float(part.engine.get_global_grad_norm() or 0.0))
+            else:
+                norms.append(float(self.accelerator.clip_grad_norm_(part.model.parameters(), self.cfg.train.max_grad_norm)))
+                part.optimizer.step()
+                part.optimizer.zero_grad(set_to_none=True)
             part.scheduler.step()
-            part.optimizer.zero_grad(set_to_none=True)
         return norms[0]
 
     def prompt_batch(self, step: int, per_step: int) -> list[dict]:
@@ -121,12 +219,20 @@ class OnlineLoop:
         total = self.total_steps() * self.updates_per_step()
         names = {"cosine": "cosine", "wsd": "warmup_stable_decay", "linear": "linear", "constant": "constant_with_warmup"}
         extra = {"num_decay_steps": max(1, int(t.decay_ratio * total))} if t.lr_scheduler == "wsd" else None
+        # on the torch optimizer: DeepSpeed's ZeRO optimizer wraps it and reads the same param groups' lr
         scheduler = get_scheduler(
             names[t.lr_scheduler], optimizer, num_warmup_steps=math.ceil(t.warmup_ratio * total),
             num_training_steps=total, scheduler_specific_kwargs=extra,
         )
-        model, optimizer = self.accelerator.prepare(model, optimizer)
-        self.trainables[name] = Trainable(model, optimizer, scheduler)
+        engine = None
+        if self.ds_config is not None:
+            import deepspeed
+
+            engine, optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=self.ds_config)
+            model = engine
+        else:
+            model, optimizer = self.accelerator.prepare(model, optimizer)
+        self.trainables[name] = Trainable(model, optimizer, scheduler, engine)
 
     def updates_per_step(self) -> int:
         """Optimiser steps per loop step (for the LR schedule's length)."""
@@ -137,17 +243,36 @@ class OnlineLoop:
         if not rows:
             return {}
 
-        def generate(prompts):
+        def answer(prompts):  # every rank answers every question (greedy: the same answers), so all agree
             outputs = self.engine.generate([prompt_ids(self.tokenizer, p) for p in prompts], self.sampling(greedy=True))
             self.last_eval_completions = [o[0].token_ids for o in outputs]
             return [o[0].text for o in outputs]
 
-        return verifiable_sets(rows, generate)[0]
+        return verifiable_sets(rows, answer)[0]
+
+    # -- setup -------------------------------------------------------------------------------------
+    def _deepspeed_config(self) -> dict | None:
+        t, dtype = self.cfg.train, resolve_dtype(self.cfg.model.dtype)
+        if t.deepspeed is not None:
+            return deepspeed_config(t.deepspeed, self.world_size, t.max_grad_norm, dtype)
+        if self.accelerator.distributed_type == DistributedType.DEEPSPEED:  # accelerate launch with a DeepSpeed config
+            return deepspeed_config(self.accelerator.state.deepspeed_plugin.deepspeed_config, self.world_size, t.max_grad_norm, dtype)
+        return None
 
     def _make_engine(self, model_dir: Path):
         """vLLM reads the starting checkpoint and is then kept in sync; HF generate samples from the policy itself."""
         r, policy = self.cfg.rollout, self.accelerator.unwrap_model(self.policy)
         kind = r.engine if r.engine != "auto" else ("vllm" if vllm_available() else "hf")
+        colocated = {}
+        if self.world_size > 1:
+            if kind == "hf" and self.trainables["policy"].zero_stage == 3:
+                raise ConfigError("rollout.engine=hf cannot sample from a ZeRO-3-partitioned policy rank by rank; "
+                                  "use rollout.engine=vllm or a ZeRO-2 DeepSpeed config")
+            if kind == "vllm" and (r.tensor_parallel_size > 1 or not r.in_process):
+                raise ConfigError("with several processes every rank runs its own in-process vLLM engine; "
+                                  "set rollout.tensor_parallel_size=1 and rollout.in_process=true")
+            # vLLM joins the trainer's process group instead of starting its own: one engine per rank
+            colocated = {"distributed_executor_backend": "external_launcher"}
         if kind == "hf":
             return make_engine("hf", model=policy, tokenizer=self.tokenizer)
         threads = torch.get_num_threads()
@@ -157,7 +282,8 @@ class OnlineLoop:
             dtype=str(resolve_dtype(self.cfg.model.dtype)).removeprefix("torch."),
             kv_cache_gib=r.kv_cache_gib, gpu_memory_utilization=r.gpu_memory_utilization,
             tensor_parallel_size=r.tensor_parallel_size, enforce_eager=r.enforce_eager, in_process=r.in_process,
-            seed=self.cfg.seed, max_model_len=self.cfg.train.max_length + r.max_new_tokens,
+            seed=self.cfg.seed + self.accelerator.process_index, max_model_len=self.cfg.train.max_length + r.max_new_tokens,
+            **colocated,
         )
         torch.set_num_threads(threads)  # in-process vLLM on CPU drops torch to one thread; the trainer wants them all
         return engine
@@ -173,16 +299,26 @@ class OnlineLoop:
 
             self.policy = get_peft_model(self.policy, peft_config(cfg.model.lora))
 
+    # -- checkpoints -------------------------------------------------------------------------------
     def _resume(self, output_dir: Path) -> int:
-        state = load_checkpoint(output_dir)
+        state = load_checkpoint(output_dir, self.accelerator.process_index)
         if state is None:
             return 0
+        plain = {}
         for name, part in self.trainables.items():
+            part.scheduler.load_state_dict(state["schedulers"][name])
+            if part.engine is not None:
+                # DeepSpeed's own checkpoint: weights and this rank's optimizer partition
+                part.engine.load_checkpoint(str(output_dir / CHECKPOINT_DIR / name / "deepspeed"), tag="state",
+                                            load_optimizer_states=True, load_lr_scheduler_states=False)
+                continue
+            plain[name] = part.optimizer
             weights_dir = output_dir / CHECKPOINT_DIR / name
             weights = {}
             for file in sorted(weights_dir.glob("*.safetensors")):
                 weights.update(load_file(str(file)))
             model = self.accelerator.unwrap_model(part.model)
+            model = getattr(model, "pretrained", model)  # PPO's critic wraps its PreTrainedModel
             if self.cfg.model.lora.enabled and name == "policy":
                 from peft import set_peft_model_state_dict
 
@@ -192,39 +328,58 @@ class OnlineLoop:
             missing, unexpected = model.load_state_dict(weights, strict=False)
             if unexpected or len(missing) > 1:
                 raise RuntimeError(f"checkpoint {weights_dir} does not match the model: missing {missing[:3]}, unexpected {unexpected[:3]}")
-            part.scheduler.load_state_dict(state["schedulers"][name])
-        load_optimizers(output_dir, {name: part.optimizer for name, part in self.trainables.items()})
+        load_optimizers(output_dir, plain)
         self.load_extra_state(state)
         return state["step"]
 
     def save_checkpoint(self, step: int) -> None:
-        models = {name: self.accelerator.unwrap_model(part.model) for name, part in self.trainables.items()}
-        optimizers = {name: part.optimizer for name, part in self.trainables.items()}
+        plain = {name: part for name, part in self.trainables.items() if part.engine is None}
         state = {"schedulers": {name: part.scheduler.state_dict() for name, part in self.trainables.items()}, **self.extra_state()}
-        save_checkpoint(self.output_dir, step, models, optimizers, state)
+        save_checkpoint(
+            self.output_dir, step,
+            {name: self.accelerator.unwrap_model(part.model) for name, part in plain.items()},
+            {name: part.optimizer for name, part in plain.items()},
+            state, rank=self.accelerator.process_index, world_size=self.world_size,
+            before_commit=self._save_deepspeed_states, barrier=self.accelerator.wait_for_everyone,
+        )
+
+    def _save_deepspeed_states(self, tmp: Path) -> None:
+        for name, part in self.trainables.items():
+            if part.engine is not None:  # collective: every rank writes its partition
+                part.engine.save_checkpoint(str(tmp / name / "deepspeed"), tag="state", save_latest=False)
 
     def save_final(self) -> None:
         model = self.accelerator.unwrap_model(self.policy)
         tmp = self.output_dir / ".model.tmp"
-        if self.cfg.model.lora.enabled:
-            model.save_pretrained(str(self.output_dir / ".adapter.tmp"), safe_serialization=True)
-            atomic_replace_dir(self.output_dir / ".adapter.tmp", self.output_dir / "adapter")
-            model = model.merge_and_unload() if self.cfg.model.lora.merge_on_save else model
-        model.save_pretrained(str(tmp), safe_serialization=True)
+        with self.full_weights("policy"):
+            if not self.is_main:
+                return
+            if self.cfg.model.lora.enabled:
+                model.save_pretrained(str(self.output_dir / ".adapter.tmp"), safe_serialization=True)
+                atomic_replace_dir(self.output_dir / ".adapter.tmp", self.output_dir / "adapter")
+                model = model.merge_and_unload() if self.cfg.model.lora.merge_on_save else model
+            model.save_pretrained(str(tmp), safe_serialization=True)
         self.tokenizer.save_pretrained(str(tmp))
         from m1_align.config import dump_config
 
         atomic_write_text(tmp / "m1_align_config.yaml", dump_config(self.cfg))
         atomic_replace_dir(tmp, self.output_dir / "model")
 
+    # -- the run -----------------------------------------------------------------------------------
     def run(self) -> StageResult:
         start = time.time()
         cfg = self.cfg
-        torch.manual_seed(cfg.seed)
-        self.output_dir = prepare_output_dir(cfg.output_dir, cfg.overwrite)
         dtype = resolve_dtype(cfg.model.dtype)
-        self.accelerator = Accelerator(mixed_precision="bf16" if dtype == torch.bfloat16 else "no")
+        # cpu=True: accelerate forms a process group of CPU processes only when told it runs on CPU
+        self.accelerator = Accelerator(mixed_precision="bf16" if dtype == torch.bfloat16 else "no",
+                                       cpu=not torch.cuda.is_available())
+        torch.manual_seed(cfg.seed)
+        if self.is_main:
+            self.output_dir = prepare_output_dir(cfg.output_dir, cfg.overwrite)
+        self.accelerator.wait_for_everyone()
+        self.output_dir = Path(cfg.output_dir)
         self.device = self.accelerator.device
+        self.ds_config = self._deepspeed_config()
         model_dir = resolve_model_dir(cfg.model.path)
         self.tokenizer = load_tokenizer(cfg.model, model_dir)
         self._load_models(model_dir)
@@ -242,32 +397,43 @@ class OnlineLoop:
 
         self.engine = self._make_engine(model_dir)
         if first:
-            self.engine.update_weights(self.accelerator.unwrap_model(self.policy))
+            policy = self.accelerator.unwrap_model(self.policy)
+            with self.full_weights("policy"):
+                self.engine.update_weights(policy)
 
-        logger = MetricsLogger(self.output_dir, t.report_to, run_name=self.stage)
-        logger.truncate_after(first)
+        logger = MetricsLogger(self.output_dir, t.report_to, run_name=self.stage) if self.is_main else None
+        if logger:
+            logger.truncate_after(first)
         initial_file = self.output_dir / "initial_eval.json"
         if first == 0 or not initial_file.is_file():
             initial = self.evaluate()
-            write_json(initial_file, initial)
-            logger.log(0, **{f"eval/{k}": v for k, v in initial.items()})
+            if logger:
+                write_json(initial_file, initial)
+                logger.log(0, **{f"eval/{k}": v for k, v in initial.items()})
+        self.accelerator.wait_for_everyone()
         initial = json.loads(initial_file.read_text())
         self.policy.train()
-        for step in tqdm(range(first, total), desc=self.stage, initial=first, total=total):
-            metrics = self.step(step)
-            logger.log(step + 1, lr=self.trainables["policy"].scheduler.get_last_lr()[0], **metrics)
+        for step in tqdm(range(first, total), desc=self.stage, initial=first, total=total, disable=not self.is_main):
+            self.current_step = step
+            metrics = self.mean_over_ranks(self.step(step))
+            if logger:
+                logger.log(step + 1, lr=self.trainables["policy"].scheduler.get_last_lr()[0], **metrics)
             if t.eval_steps and (step + 1) % t.eval_steps == 0 and step + 1 < total:
-                logger.log(step + 1, **{f"eval/{k}": v for k, v in self.evaluate().items()})
+                evaluation = self.evaluate()
+                if logger:
+                    logger.log(step + 1, **{f"eval/{k}": v for k, v in evaluation.items()})
             if (step + 1) % t.save_steps == 0 or step + 1 == total:
                 self.save_checkpoint(step + 1)
 
         final = self.evaluate()
-        logger.log(total, **{f"eval/{k}": v for k, v in final.items()})
-        logger.close()
         self.save_final()
-        self.engine.close()
         metrics = {**{f"initial/{k}": v for k, v in initial.items()}, **final, "steps": total}
-        write_json(self.output_dir / "eval.json", metrics)
         result = StageResult(self.stage, str(self.output_dir), metrics, time.time() - start)
-        result.save()
+        if logger:
+            logger.log(total, **{f"eval/{k}": v for k, v in final.items()})
+            logger.close()
+            write_json(self.output_dir / "eval.json", metrics)
+            result.save()
+        self.accelerator.wait_for_everyone()
+        self.engine.close()  # last: a colocated vLLM engine takes the process group down with it
         return result

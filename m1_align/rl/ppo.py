@@ -26,6 +26,7 @@ from m1_align.config import ConfigError, PPOConfig
 from m1_align.data.stage_data import eval_rows, rl_rows
 from m1_align.evaluation.benchmarks import prompt_ids
 from m1_align.reward_models.router import RewardRouter
+from m1_align.rl.common import TokenValues
 from m1_align.rl.loop import OnlineLoop
 from m1_align.training import load_model, resolve_model_dir
 
@@ -38,9 +39,11 @@ def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (x * mask).sum() / mask.sum().clamp_min(1)
 
 
-def whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True) -> torch.Tensor:
-    mean = masked_mean(x, mask)
-    var = masked_mean((x - mean) ** 2, mask)
+def whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, reduce_sum=lambda t: t) -> torch.Tensor:
+    """Zero mean, unit variance over the masked entries; `reduce_sum` sums over ranks, for the global statistics."""
+    count = reduce_sum((mask.sum()).float())
+    mean = reduce_sum((x * mask).sum()) / count
+    var = reduce_sum((((x - mean) ** 2) * mask).sum()) / count
     out = (x - mean) * torch.rsqrt(var + 1e-8)
     return (out if shift_mean else out + mean) * mask
 
@@ -120,9 +123,8 @@ def response_logprobs(model, ids, mask, start: int, with_entropy: bool = False):
 
 
 def response_values(critic, ids, mask, start: int) -> torch.Tensor:
-    """V(s_t) for the state before each response token: [B, R]."""
-    hidden = critic.base_model(input_ids=ids, attention_mask=mask, position_ids=positions(mask), use_cache=False).last_hidden_state
-    return critic.score(hidden[:, start - 1 : -1]).squeeze(-1).float()
+    """V(s_t) for the state before each response token: [B, R]. `critic` is a TokenValues module."""
+    return critic(ids, mask, positions(mask))[:, start - 1 : -1]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -145,6 +147,8 @@ class PPOLoop(OnlineLoop):
                                       model_dir=resolve_model_dir(cfg.reward.model), num_labels=1)
             reward_model.requires_grad_(False).eval().to(self.device)
         self.router = RewardRouter(cfg.reward, reward_model, self.tokenizer, cfg.train.max_length)
+        self.per_rank(cfg.ppo.prompts_per_step, "ppo.prompts_per_step")
+        self.minibatch_size = self.per_rank(cfg.ppo.minibatch_size, "ppo.minibatch_size")  # on this rank
 
     def setup_trainables(self) -> None:
         cfg = self.cfg
@@ -155,7 +159,7 @@ class PPOLoop(OnlineLoop):
                             kind="seq_cls", model_dir=resolve_model_dir(source), num_labels=1)
         if cfg.ppo.critic_from == "policy":
             torch.nn.init.zeros_(critic.score.weight)  # start from V = 0 rather than a random head
-        self.add_trainable("critic", critic, cfg.ppo.critic_learning_rate)
+        self.add_trainable("critic", TokenValues(critic), cfg.ppo.critic_learning_rate)
 
     def total_steps(self) -> int:
         if self.cfg.train.max_steps > 0:
@@ -191,7 +195,7 @@ class PPOLoop(OnlineLoop):
     def step(self, step: int) -> dict[str, float]:
         p = self.cfg.ppo
         critic = self.trainables["critic"].model
-        rows = self.prompt_batch(step, p.prompts_per_step)
+        rows = self.shard(self.prompt_batch(step, p.prompts_per_step))  # this rank's prompts
         t0 = time.time()
         flat, ids, mask, start = self.rollout(rows)
         response_mask = mask[:, start:].float()
@@ -214,14 +218,14 @@ class PPOLoop(OnlineLoop):
             token_rewards[torch.arange(len(flat)), last] += scores
             advantages, returns = gae(token_rewards, old_values, response_mask, p.gamma, p.lam)
             if p.whiten_advantages:
-                advantages = whiten(advantages, response_mask)
+                advantages = whiten(advantages, response_mask, reduce_sum=self.reduce_sum)
         t2 = time.time()
 
         stats: dict[str, list[float]] = {"policy_loss": [], "value_loss": [], "entropy": [], "clip_fraction": [], "approx_kl": []}
         early_stop = False
         for _ in range(p.ppo_epochs):
             order = torch.randperm(len(flat))
-            for batch in order.split(p.minibatch_size):
+            for batch in order.split(self.minibatch_size):
                 logp, entropy = response_logprobs(self.policy, ids[batch], mask[batch], start, with_entropy=True)
                 values = response_values(critic, ids[batch], mask[batch], start)
                 m = response_mask[batch]
@@ -230,23 +234,22 @@ class PPOLoop(OnlineLoop):
                     p.clip_range, p.value_clip_range,
                 )
                 entropy_mean = masked_mean(entropy, m)
-                loss = policy_loss + p.vf_coef * value_loss - p.entropy_coef * entropy_mean
-                self.optimizer_step(loss, names=("policy", "critic"))
+                # loss = policy loss + vf_coef value loss - entropy_coef entropy; actor and critic share no weights
+                self.optimizer_step({"policy": policy_loss - p.entropy_coef * entropy_mean, "critic": p.vf_coef * value_loss})
                 for key, value in (("policy_loss", policy_loss), ("value_loss", value_loss), ("entropy", entropy_mean), *s.items()):
                     stats[key].append(float(value))
-                if p.target_approx_kl is not None and s["approx_kl"] > p.target_approx_kl:
+                approx_kl = self.reduce_sum(s["approx_kl"]) / self.world_size  # every rank stops together
+                if p.target_approx_kl is not None and approx_kl > p.target_approx_kl:
                     early_stop = True
                     break
             if early_stop:
                 break
         t3 = time.time()
-        self.engine.update_weights(self.accelerator.unwrap_model(self.policy))
-        # a stale engine raises here instead of sampling the next batch from old weights
-        sync_diff = self.engine.verify_weights(self.accelerator.unwrap_model(self.policy), ids[0, mask[0].bool()].tolist()[:64])
+        sync_diff = self.sync_engine(ids[0, mask[0].bool()].tolist()[:64])
         t4 = time.time()
 
-        mean_kl = (kl.sum(1)).mean().item()
-        self.kl_ctl.update(mean_kl, len(flat))
+        mean_kl = (self.reduce_sum(kl.sum()) / (len(flat) * self.world_size)).item()  # per response, over all ranks
+        self.kl_ctl.update(mean_kl, len(flat) * self.world_size)
         var_returns = torch.var(returns[response_mask.bool()])
         explained = 1 - torch.var((returns - old_values)[response_mask.bool()]) / var_returns.clamp_min(1e-8)
         metrics = {k: sum(v) / len(v) for k, v in stats.items() if v}

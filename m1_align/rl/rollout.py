@@ -20,6 +20,7 @@ the trainer's model untouched) and `verify_weights(model)` compares log-probs on
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
 import shutil
@@ -382,7 +383,7 @@ class HFEngine:
             max_new_tokens=params.max_new_tokens,
             eos_token_id=stop_ids,  # [] turns off the model's default EOS too
             pad_token_id=self.pad_id,
-            num_return_sequences=params.n,
+            num_return_sequences=1 if greedy else params.n,  # greedy: one answer, repeated n times below
             return_dict_in_generate=True,
             output_logits=True,  # raw logits, before temperature / top-p
         )
@@ -400,6 +401,8 @@ class HFEngine:
                     )
         finally:
             self.model.train(was_training)
+        if greedy and params.n > 1:  # as vLLM: n copies of the one greedy completion
+            results = [[copy.copy(c) for _ in range(params.n)] for (c,) in results]
         return results
 
     def _generate_batch(self, prompts, config, stop_ids) -> list[list[Completion]]:
