@@ -237,7 +237,7 @@ class PPOLoop(OnlineLoop):
                 # loss = policy loss + vf_coef value loss - entropy_coef entropy; actor and critic share no weights
                 self.optimizer_step({"policy": policy_loss - p.entropy_coef * entropy_mean, "critic": p.vf_coef * value_loss})
                 for key, value in (("policy_loss", policy_loss), ("value_loss", value_loss), ("entropy", entropy_mean), *s.items()):
-                    stats[key].append(float(value))
+                    stats[key].append(value.item())
                 approx_kl = self.reduce_sum(s["approx_kl"]) / self.world_size  # every rank stops together
                 if p.target_approx_kl is not None and approx_kl > p.target_approx_kl:
                     early_stop = True
