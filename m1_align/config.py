@@ -244,7 +244,7 @@ class EvalSection(Section):
     verifiable_sets: bool = True  # the held-out verifiable questions (split `eval` or data.eval_file)
     max_new_tokens: int = Field(96, ge=1)
     limit: int | None = Field(None, ge=1)  # at most this many questions per benchmark
-    batch_size: int = Field(8, ge=1)  # sequences per generation / scoring batch
+    batch_size: int = Field(32, ge=1)  # sequences per generation / scoring batch (32 decodes 2.6x faster than 8 on CPU)
     max_length: int = Field(1024, ge=8)  # tokens per conversation the reward model scores
     reward_model: str | None = None  # average RM score on open questions
 

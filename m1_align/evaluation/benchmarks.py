@@ -214,7 +214,7 @@ def verifiable_sets(rows: list[dict[str, Any]], generate: Generate) -> tuple[Met
     return metrics, samples
 
 
-def answer_accuracy(model, tokenizer, rows: list[dict[str, Any]], max_new_tokens: int = 96, batch_size: int = 16) -> Metrics:
+def answer_accuracy(model, tokenizer, rows: list[dict[str, Any]], max_new_tokens: int = 96, batch_size: int = 32) -> Metrics:
     """verifiable_sets with greedy HF generation: what a trainer stage reports at its end."""
     return verifiable_sets(rows, hf_generator(model, tokenizer, max_new_tokens, batch_size))[0] if rows else {}
 

@@ -14,7 +14,9 @@ import contextlib
 import copy
 import json
 import math
+import os
 import random
+import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -61,6 +63,12 @@ class Trainable:
     @property
     def zero_stage(self) -> int:
         return self.engine.zero_optimization_stage() if self.engine is not None else 0
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def deepspeed_config(source: str | dict, world_size: int, max_grad_norm: float, dtype: torch.dtype) -> dict:
@@ -228,6 +236,10 @@ class OnlineLoop:
         if self.ds_config is not None:
             import deepspeed
 
+            if self.world_size == 1:  # one plain process: give DeepSpeed the rendezvous a launcher would have
+                for key, value in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
+                                   "MASTER_PORT": str(free_port())}.items():
+                    os.environ.setdefault(key, value)
             engine, optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=self.ds_config)
             model = engine
         else:
