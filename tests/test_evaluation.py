@@ -83,6 +83,22 @@ def test_continuation_logprobs_match_hand_computation(env):
     assert got[0] == pytest.approx(by_hand, abs=1e-4)
 
 
+def test_gold_answer_logprob_scores_the_answer_line_after_the_models_reasoning(env):
+    model, tok = env["lm"], env["tokenizer"]
+    row = {"prompt": [{"role": "user", "content": "Which code?"}], "answer": "A01.1", "task": "icd_code"}
+    completion = "Typhoid is coded under A01." + benchmarks.ANSWER_DELIMITER + " Z99"
+    got = benchmarks.gold_answer_logprobs(model, tok, [row], [completion])
+
+    # by hand: the reasoning before the delimiter stays, the model's own answer line is replaced by the gold one
+    context = benchmarks.prompt_ids(tok, row["prompt"]) + tok.encode("Typhoid is coded under A01.", add_special_tokens=False)
+    answer = tok.encode(benchmarks.ANSWER_DELIMITER + " A01.1", add_special_tokens=False) + [tok.eos_token_id]
+    with torch.no_grad():
+        logp = model(input_ids=torch.tensor([context + answer])).logits[0].log_softmax(-1)
+    by_hand = sum(logp[len(context) + i - 1, token].item() for i, token in enumerate(answer))
+    assert got["verifiable/gold_answer_logp"] == pytest.approx(by_hand, abs=1e-4)
+    assert got["verifiable/icd_code/gold_answer_logp"] == got["verifiable/gold_answer_logp"]
+
+
 def test_loglik_scoring_picks_the_option_the_model_was_taught(env):
     tok = env["tokenizer"]
     shortest = min(
@@ -149,6 +165,7 @@ def test_eval_writes_metrics_for_every_benchmark(env):
         "mmlu_medical/accuracy_loglik",
         "verifiable/accuracy",
         "reward_model/mean",
+        "verifiable/gold_answer_logp",
     ]
     expected += [f"mmlu_medical/{s}/accuracy_{kind}" for s in subjects for kind in ("generation", "loglik")]
     assert set(expected) <= set(metrics)
@@ -160,7 +177,8 @@ def test_eval_writes_metrics_for_every_benchmark(env):
             assert 0.0 <= value <= 1.0, key
     samples = (out / "eval_samples.jsonl").read_text().splitlines()
     assert len(samples) == metrics["mmlu_medical/n"] + metrics["verifiable/n"] + metrics["reward_model/n"]
-    assert (out / "result.json").is_file() and set(result.metrics) == set(expected[:4])
+    assert (out / "result.json").is_file() and set(result.metrics) == set(expected[:5])
+    assert metrics["verifiable/gold_answer_logp"] < 0
 
 
 def test_eval_cli_on_a_run_dir_evaluates_its_last_policy_stage(env, capsys):

@@ -22,7 +22,7 @@ import torch
 from tqdm.auto import tqdm
 
 from m1_align.data.chat import apply_chat_template
-from m1_align.data.tasks import LETTERS
+from m1_align.data.tasks import ANSWER_DELIMITER, LETTERS
 from m1_align.reward_models.evaluate import score_conversations
 from m1_align.reward_models.rules import score
 
@@ -212,6 +212,23 @@ def verifiable_sets(rows: list[dict[str, Any]], generate: Generate) -> tuple[Met
             [x["correct"] for x in samples if x["task"] == task]
         )
     return metrics, samples
+
+
+def gold_answer_logprobs(model, tokenizer, rows: list[dict[str, Any]], completions: list[str], batch_size: int = 32) -> Metrics:
+    """log p(gold answer | question, the model's own reasoning): the answer line teacher-forced after the
+    greedy completion cut at the answer delimiter (all of it when the model never got there), as ELO's
+    reward. A graded signal where a tiny model's accuracy is mostly zeros."""
+    sequences = []
+    for row, completion in zip(rows, completions, strict=True):
+        reasoning = completion.split(ANSWER_DELIMITER)[0]
+        context = prompt_ids(tokenizer, row["prompt"]) + tokenizer.encode(reasoning, add_special_tokens=False)
+        answer = tokenizer.encode(f"{ANSWER_DELIMITER} {row['answer']}", add_special_tokens=False) + [tokenizer.eos_token_id]
+        sequences.append((context, answer))
+    logps = continuation_logprobs(model, sequences, tokenizer.pad_token_id, batch_size)
+    metrics: Metrics = {"verifiable/gold_answer_logp": _mean(logps)}
+    for task in sorted({row["task"] for row in rows}):
+        metrics[f"verifiable/{_key(task)}/gold_answer_logp"] = _mean([lp for row, lp in zip(rows, logps, strict=True) if row["task"] == task])
+    return metrics
 
 
 def answer_accuracy(model, tokenizer, rows: list[dict[str, Any]], max_new_tokens: int = 96, batch_size: int = 32) -> Metrics:

@@ -31,6 +31,7 @@ HEADLINE = (
     "mmlu_medical/accuracy_loglik",
     "verifiable/accuracy",
     "reward_model/mean",
+    "verifiable/gold_answer_logp",
 )
 
 
@@ -90,6 +91,7 @@ def evaluate(cfg: EvalConfig, model, tokenizer) -> tuple[dict[str, Any], list[di
     if verifiable:
         found, rows = benchmarks.verifiable_sets(verifiable, generate)
         metrics.update(found)
+        metrics.update(benchmarks.gold_answer_logprobs(model, tokenizer, verifiable, [r["completion"] for r in rows], cfg.eval.batch_size))
         samples += rows
     if cfg.eval.reward_model:
         rm_config = ModelConfig(
