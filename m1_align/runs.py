@@ -44,14 +44,23 @@ class OutputExistsError(RuntimeError):
 
 
 def prepare_output_dir(output_dir: str | Path, overwrite: bool) -> Path:
-    """Create output_dir; refuse to write over a finished run unless overwrite is set."""
+    """Create output_dir; refuse to write over a finished run unless overwrite is set. Overwriting starts
+    over: the finished run (checkpoints included) is removed, so nothing resumes from it. An unfinished
+    run is left for the stage to resume. Under several processes rank 0 removes and the others wait."""
     out = Path(output_dir)
     if (out / RESULT_FILE).is_file():
         if not overwrite:
             raise OutputExistsError(
                 f"{out} already holds a finished run; choose another output_dir or pass overwrite=true"
             )
-        (out / RESULT_FILE).unlink()
+        if int(os.environ.get("RANK", "0")) == 0:
+            old = out.with_name(f".{out.name}.replaced-{os.getpid()}")
+            os.replace(out, old)  # one rename: no process sees half of the old run
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            deadline = time.time() + 600
+            while (out / RESULT_FILE).is_file() and time.time() < deadline:
+                time.sleep(0.2)
     out.mkdir(parents=True, exist_ok=True)
     return out
 

@@ -57,3 +57,17 @@ def test_finished_output_is_never_overwritten(tmp_path, capsys):
     StageResult("sft", str(tmp_path), {}).save()
     assert main(["sft", f"output_dir={tmp_path}"]) == 2
     assert "already holds a finished run" in capsys.readouterr().err
+
+
+def test_overwrite_starts_a_finished_run_over_but_an_unfinished_one_resumes(tmp_path):
+    from m1_align.runs import StageResult, prepare_output_dir
+
+    finished, unfinished = tmp_path / "finished", tmp_path / "unfinished"
+    for out in (finished, unfinished):
+        (out / "checkpoints" / "checkpoint-10").mkdir(parents=True)
+    StageResult("sft", str(finished), {}).save()
+    prepare_output_dir(finished, overwrite=True)
+    prepare_output_dir(unfinished, overwrite=True)
+    assert finished.is_dir() and not any(finished.iterdir())  # nothing left to resume from
+    assert (unfinished / "checkpoints" / "checkpoint-10").is_dir()
+    assert not any(p.name.startswith(".finished") for p in tmp_path.iterdir())

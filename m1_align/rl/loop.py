@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DistributedType, gather_object
+from accelerate.utils import gather_object
 from safetensors.torch import load_file
 from tqdm.auto import tqdm
 from transformers import get_scheduler
@@ -265,11 +265,10 @@ class OnlineLoop:
     # -- setup -------------------------------------------------------------------------------------
     def _deepspeed_config(self) -> dict | None:
         t, dtype = self.cfg.train, resolve_dtype(self.cfg.model.dtype)
-        if t.deepspeed is not None:
-            return deepspeed_config(t.deepspeed, self.world_size, t.max_grad_norm, dtype)
-        if self.accelerator.distributed_type == DistributedType.DEEPSPEED:  # accelerate launch with a DeepSpeed config
-            return deepspeed_config(self.accelerator.state.deepspeed_plugin.deepspeed_config, self.world_size, t.max_grad_norm, dtype)
-        return None
+        source = t.deepspeed
+        if source is None and os.environ.get("ACCELERATE_USE_DEEPSPEED") == "true":  # accelerate launch, DeepSpeed config
+            source = os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE")
+        return deepspeed_config(source, self.world_size, t.max_grad_norm, dtype) if source else None
 
     def _make_engine(self, model_dir: Path):
         """vLLM reads the starting checkpoint and is then kept in sync; HF generate samples from the policy itself."""
@@ -316,6 +315,10 @@ class OnlineLoop:
         state = load_checkpoint(output_dir, self.accelerator.process_index)
         if state is None:
             return 0
+        written_with_deepspeed = (output_dir / CHECKPOINT_DIR / "policy" / "deepspeed").is_dir()
+        if written_with_deepspeed != (self.ds_config is not None):
+            raise ConfigError(f"{output_dir / CHECKPOINT_DIR} was written {'with' if written_with_deepspeed else 'without'} "
+                              f"DeepSpeed; resume it the same way, or delete it to start over")
         plain = {}
         for name, part in self.trainables.items():
             part.scheduler.load_state_dict(state["schedulers"][name])
@@ -382,9 +385,11 @@ class OnlineLoop:
         start = time.time()
         cfg = self.cfg
         dtype = resolve_dtype(cfg.model.dtype)
-        # cpu=True: accelerate forms a process group of CPU processes only when told it runs on CPU
-        self.accelerator = Accelerator(mixed_precision="bf16" if dtype == torch.bfloat16 else "no",
-                                       cpu=not torch.cuda.is_available())
+        # cpu=True: accelerate forms a process group of CPU processes only when told it runs on CPU; under
+        # `accelerate launch` with a DeepSpeed config, precision comes from that config
+        precision = {} if os.environ.get("ACCELERATE_USE_DEEPSPEED") == "true" else {
+            "mixed_precision": "bf16" if dtype == torch.bfloat16 else "no"}
+        self.accelerator = Accelerator(cpu=not torch.cuda.is_available(), **precision)
         torch.manual_seed(cfg.seed)
         if self.is_main:
             self.output_dir = prepare_output_dir(cfg.output_dir, cfg.overwrite)
