@@ -117,7 +117,8 @@ def _run_stage(stage: str, args: argparse.Namespace) -> int:
     module_name, func = target.split(":")
     runner = getattr(importlib.import_module(module_name), func)
     result = runner(config, only=args.only, start=args.from_stage) if stage == "pipeline" else runner(config)
-    print(result.summary())
+    if os.environ.get("RANK", "0") == "0":  # one summary, not one per process
+        print(result.summary())
     return 0
 
 

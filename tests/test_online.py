@@ -256,3 +256,16 @@ def test_ppo_with_lora_syncs_merged_weights_into_vllm(data_cache, sft_model_dir,
     assert steps[0]["kl"] == pytest.approx(0.0, abs=1e-6)  # LoRA's B starts at zero: policy == reference
     assert all(r["sync/logprob_diff"] < 0.01 for r in steps)
     assert (tmp_path / "lora" / "adapter" / "adapter_config.json").is_file()
+
+
+@pytest.mark.slow
+def test_elo_with_lora_and_a_kl_penalty_to_the_adapter_disabled_policy(data_cache, sft_model_dir, task_files, tmp_path):
+    from m1_align.rl.elo import run
+
+    cfg = elo_config(data_cache, tmp_path / "lora", sft_model_dir, **{
+        "rollout.engine": "vllm", "train.max_steps": 2, "model.lora.enabled": True, "model.lora.r": 4, "elo.kl_coef": 0.1,
+        "train.learning_rate": 5e-3, "data.train_file": str(task_files[1]), "data.answer_eval_file": str(task_files[2])})
+    result = run(cfg)
+    steps = [r for r in metrics(tmp_path / "lora") if "loss" in r]
+    assert steps and all(r["sync/logprob_diff"] < 0.01 for r in steps)  # vLLM samples from the merged weights
+    assert result.metrics["steps"] == 2 and (tmp_path / "lora" / "adapter" / "adapter_config.json").is_file()
