@@ -158,7 +158,7 @@ def test_online_resume_continues_the_same_run(stage, data_cache, sft_model_dir, 
         assert resumed[step].get(key) == pytest.approx(straight[step].get(key), rel=1e-4, abs=1e-6)
 
 
-def torchrun(stage: str, overrides: dict, processes: int = 2, timeout: int = 900):
+def torchrun(stage: str, overrides: dict, processes: int = 2):
     """`m1-align <stage>` on several CPU processes; returns the Popen object (started)."""
     import os
     import subprocess
