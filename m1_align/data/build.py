@@ -34,7 +34,7 @@ from m1_align.data.sources import (
 )
 from m1_align.data.tasks import LETTERS, SYSTEM_PROMPT, TASKS, Example, response
 
-FORMAT_VERSION = 1  # bump when the row layout or templates change: invalidates cached builds
+FORMAT_VERSION = 2  # bump when the row layout or templates change: invalidates cached builds
 TRAIN_SPLITS = ("sft", "preference", "rl")
 EVAL_SPLITS = ("eval", "eval_preference", "mmlu_medical")
 SPLITS = TRAIN_SPLITS + EVAL_SPLITS

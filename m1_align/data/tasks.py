@@ -110,7 +110,7 @@ def _icd_place(code: str) -> str:
     record = _icd()[code]
     parent = record["parent"]
     if parent:
-        return f"category {parent} ({_icd()[parent]['description']}) in the section {record['section']}"
+        return f"category {parent} ({_icd()[parent]['description']})"
     return f"the section {record['section']}"
 
 
@@ -121,20 +121,19 @@ def icd_code_items() -> list[str]:
 
 
 def make_icd_code(item: str, rng: random.Random) -> Example:
+    # The reasoning names the parent category and nothing copied from the question: a tiny model
+    # copying a long description back tends to garble it before it reaches the answer.
     code = item[4:]
     record = _icd()[code]
     terms = [t for t in record["inclusion_terms"] if t.lower() in _icd_unique_phrases()]
     wrong = _icd_nearest(code, rng)
     if terms and rng.random() < 0.5:
-        phrase = rng.choice(terms)
-        question = f'Give the ICD-10-CM code for "{phrase}".'
-        lead = f'"{phrase}" is an inclusion term of "{record["description"]}", which belongs to {_icd_place(code)}.'
-        wrong_lead = f'"{phrase}" is classified as "{_icd()[wrong]["description"]}", which belongs to {_icd_place(wrong)}.'
+        question = f'Give the ICD-10-CM code for "{rng.choice(terms)}".'
     else:
         question = f'What is the ICD-10-CM code for "{record["description"]}"?'
-        lead = f'"{record["description"]}" belongs to {_icd_place(code)}.'
-        wrong_lead = f'"{record["description"]}" is closest to "{_icd()[wrong]["description"]}" in {_icd_place(wrong)}.'
-    return Example(item, question, lead, code, wrong_lead, wrong, "icd10_code")
+    return Example(
+        item, question, f"It belongs to {_icd_place(code)}.", code, f"It belongs to {_icd_place(wrong)}.", wrong, "icd10_code"
+    )
 
 
 def make_icd_description(item: str, rng: random.Random) -> Example:
@@ -256,11 +255,11 @@ def make_hpo_disease_mcq(item: str, rng: random.Random) -> Example:
         + "\n".join(f"{LETTERS[i]}. {o}" for i, o in enumerate(options))
         + "\nAnswer with the letter of the correct option."
     )
-    closest, overlap = names[1], nearest[0][1]
-    lead = f"All {len(shown)} findings are annotated features of {disease['name']}; the closest alternative, {closest}, shares only {overlap}."
-    wrong_lead = (
-        f"{overlap} of the {len(shown)} findings are annotated features of {closest}, the best match."
-    )
+    # The reasoning cites options by letter: copying long disease names back is where a small model
+    # garbles its output before it ever reaches the answer line.
+    overlap = nearest[0][1]
+    lead = f"All {len(shown)} findings are annotated features of option {answer}; the closest alternative, option {wrong}, shares only {overlap}."
+    wrong_lead = f"{overlap} of the {len(shown)} findings are annotated features of option {wrong}, the best match."
     return Example(item, question, lead, answer, wrong_lead, wrong, "mcq_letter", options)
 
 
@@ -358,12 +357,13 @@ def make_elixhauser(item: str, rng: random.Random) -> Example:
             rng.choice([o for o in items if _elixhauser()[o]["measures"] != record["measures"]])
         ]
     code = record["code"]
+    # Reasoning through the measure (the software's own label) without copying the description.
     return Example(
         item,
         f"Which Elixhauser comorbidity category does ICD-10-CM code {code} ({record['description']}) map to?",
-        f"The AHRQ HCUP Elixhauser Comorbidity Software Refined flags {code} ({record['description']}) with the measure {record['measures'][0]}.",
+        f"The Elixhauser software flags {code} with the measure {record['measures'][0]}.",
         record["categories"][0],
-        f"{code} ({record['description']}) sits near {wrong['code']}, which is flagged with the measure {wrong['measures'][0]}.",
+        f"The Elixhauser software flags {code} with the measure {wrong['measures'][0]}.",
         wrong["categories"][0],
         "exact_term",
     )
