@@ -31,10 +31,9 @@ PRESETS: dict[str, dict] = {
         rope_theta=10000.0,
         max_position_embeddings=2048,
     ),
-    # CPU pre-training in minutes. Small on purpose: with ~10 minutes of 2 CPU cores for pre-training
-    # and SFT, this size reached a held-out loss of 4.45 where hidden 256 x 6 layers reached 5.76
-    # (same wall time; the larger model sees a third of the tokens). Head dims 64 and 32: vLLM's CPU
-    # attention rejects 16.
+    # CPU pre-training in minutes. Small on purpose: after 100 s on 2 CPU cores this size reaches a
+    # held-out corpus loss of 3.10 where hidden 256 x 6 layers reaches 4.10 (bench/bench_base_size.py;
+    # the larger model sees a third of the tokens). Head dims 64 and 32: vLLM's CPU attention rejects 16.
     "quickstart": dict(
         vocab_size=8192,  # replaced by the tokenizer's size
         hidden_size=128,
