@@ -14,8 +14,8 @@ from m1_align.config import ELOConfig, PPOConfig, SFTConfig, validate
 @pytest.fixture(scope="session")
 def task_files(built_data, tmp_path_factory):
     """One medical task alone (ICD-10-CM code -> Elixhauser comorbidity category), as user files: SFT
-    conversations, RL prompts and held-out questions. Its reasoning restates the code and description
-    from the question, which a tiny model learns within a short test."""
+    conversations, RL prompts and held-out questions. Its reasoning (code -> Elixhauser measure) is
+    short, which a tiny model learns within a short test."""
     from m1_align.data.build import read_split_rows
 
     folder = tmp_path_factory.mktemp("elixhauser")
@@ -25,17 +25,27 @@ def task_files(built_data, tmp_path_factory):
     return folder / "train.jsonl", folder / "rl.jsonl", folder / "eval.jsonl"
 
 
-@pytest.fixture(scope="session")
-def sft_model_dir(data_cache, tiny_model_dir, task_files, tmp_path_factory):
-    """The tiny model after a short SFT: it now reasons briefly and ends with an `Answer:` line."""
+def short_sft(data_cache, tiny_model_dir, task_files, out, steps: int):
     from m1_align.sft.trainer import run
 
-    out = tmp_path_factory.mktemp("sft_for_rl") / "sft"
-    extra = {"train.max_steps": 100, "train.batch_size": 8, "train.max_length": 512, "train.learning_rate": 3e-3,
+    extra = {"train.max_steps": steps, "train.batch_size": 8, "train.max_length": 512, "train.learning_rate": 3e-3,
              "train.eval_max_new_tokens": 128, "train.save_steps": 1000,
              "data.train_file": str(task_files[0]), "data.answer_eval_file": str(task_files[2])}
     run(validate(SFTConfig, stage_overrides(data_cache, out, tiny_model_dir, **extra), "test"))
     return out
+
+
+@pytest.fixture(scope="session")
+def sft_model_dir(data_cache, tiny_model_dir, task_files, tmp_path_factory):
+    """The tiny model after a short SFT: it now reasons briefly and ends with an `Answer:` line."""
+    return short_sft(data_cache, tiny_model_dir, task_files, tmp_path_factory.mktemp("sft_for_rl") / "sft", 100)
+
+
+@pytest.fixture(scope="session")
+def early_sft_model_dir(data_cache, tiny_model_dir, task_files, tmp_path_factory):
+    """A shorter SFT: the answer format is there, the answers are not yet (after 100 steps the held-out
+    gold answer costs only ~0.4 nats, too little left for ELO to raise within a test)."""
+    return short_sft(data_cache, tiny_model_dir, task_files, tmp_path_factory.mktemp("early_sft") / "sft", 40)
 
 
 @pytest.mark.slow
@@ -67,10 +77,10 @@ def elo_config(data_cache, out, model_dir, **extra):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("engine", ["hf", "vllm"])
-def test_elo_raises_gold_answer_likelihood(engine, data_cache, sft_model_dir, task_files, tmp_path):
+def test_elo_raises_gold_answer_likelihood(engine, data_cache, early_sft_model_dir, task_files, tmp_path):
     from m1_align.rl.elo import run
 
-    result = run(elo_config(data_cache, tmp_path / "elo", sft_model_dir, **{"rollout.engine": engine,
+    result = run(elo_config(data_cache, tmp_path / "elo", early_sft_model_dir, **{"rollout.engine": engine,
                  "data.train_file": str(task_files[1]), "data.answer_eval_file": str(task_files[2])}))
     m = result.metrics
     assert m["gold_answer_logp"] > m["initial/gold_answer_logp"]
