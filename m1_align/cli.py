@@ -18,10 +18,11 @@ STAGES: dict[str, tuple[str | None, str]] = {
     "elo": ("m1_align.rl.elo:run", "exploratory log-likelihood optimisation over sampled reasoning paths (issue #9)"),
     "tdpo": ("m1_align.preference.trainer:run", "token-level DPO (TDPO1/TDPO2) or plain DPO on preference pairs"),
     "ppo": ("m1_align.rl.ppo:run", "PPO with rule rewards and the medical reward model, vLLM rollouts (issue #10)"),
+    "grpo": ("m1_align.rl.ppo:run_grpo", "critic-free RL (GRPO, RLOO, REINFORCE++, DAPO options), same rewards and engine"),
     "rm": ("m1_align.reward_models.trainer:run", "train a Bradley-Terry reward model on preference pairs (issue #7)"),
     "rm-eval": ("m1_align.reward_models.cli_eval:run", "evaluate a reward model: accuracy, calibration, length bias"),
     "eval": ("m1_align.evaluation.run:run", "held-out medical evaluation of a model, stage output or run dir"),
-    "pipeline": ("m1_align.pipeline:run", "pretrain -> SFT -> ELO -> TDPO -> RM -> PPO, evaluated after every stage"),
+    "pipeline": ("m1_align.pipeline:run", "pretrain -> SFT -> ELO -> TDPO -> RM -> PPO / GRPO, evaluated after every stage"),
 }
 
 

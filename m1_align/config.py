@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 
 class ConfigError(ValueError):
@@ -176,15 +176,20 @@ class TDPOConfig(StageConfig):
 
 
 class ELOSection(Section):
+    """Log-probs: the score-function term and the KL use the sampled distribution, softmax(logits /
+    rollout.temperature); the reward r_k = log pi(A | Q, c_k) is the model's own (temperature 1)."""
+
     k: int = Field(4, ge=2)  # reasoning paths sampled per question
-    baseline: Literal["mean", "leave_one_out"] = "mean"
+    baseline: Literal["mean", "leave_one_out", "none"] = "mean"
     lambda_answer: float = Field(0.0, ge=0)  # weight of the pathwise answer-likelihood term
     answer_delimiter: str = "\nAnswer:"
     length_normalize: bool = False  # divide r_k by the answer length
     drop_degenerate: bool = True  # drop empty, truncated or repeating paths
-    kl_coef: float = Field(0.0, ge=0)  # optional KL penalty to the starting model
+    kl_coef: float = Field(0.0, ge=0)  # KL(pi || pi_start) as a loss term over the reasoning tokens
+    kl_estimator: Literal["k2", "k3"] = "k3"  # loss-term estimators whose gradient pulls towards the reference
     prompts_per_step: int = Field(8, ge=1)
-    epochs_per_batch: int = Field(1, ge=1)
+    epochs_per_batch: int = Field(1, ge=1)  # > 1: reuse the paths with PPO's clipped importance ratio
+    clip_range: float = Field(0.2, gt=0)  # the ratio's clip when epochs_per_batch > 1
 
 
 class ELOConfig(StageConfig):
@@ -204,30 +209,67 @@ class RewardSection(Section):
 
 
 class PPOSection(Section):
+    """Log-probs: the ratio, the KL (reward and loss) and the entropy use the sampled distribution,
+    softmax(logits / rollout.temperature); the engine mismatch and TIS compare temperature-1 log-probs."""
+
+    # gae: PPO with a critic; grpo, rloo, reinforce_pp: critic-free (m1_align/rl/algorithms.py)
+    advantage_estimator: Literal["gae", "grpo", "rloo", "reinforce_pp"] = "gae"
+    grpo_std_normalize: bool = True  # grpo: divide by the group's std (false: Dr. GRPO, mean only)
+    # token_mean (DAPO), seq_mean_token_mean (GRPO), seq_mean_token_sum, token_sum_norm (Dr. GRPO; over max_new_tokens)
+    loss_agg_mode: Literal["token_mean", "seq_mean_token_mean", "seq_mean_token_sum", "token_sum_norm"] = "token_mean"
     prompts_per_step: int = Field(16, ge=1)
     samples_per_prompt: int = Field(1, ge=1)
     ppo_epochs: int = Field(2, ge=1)
     minibatch_size: int = Field(8, ge=1)
-    clip_range: float = Field(0.2, gt=0)
+    clip_range: float = Field(0.2, gt=0)  # ratio clip below 1 (and above, unless clip_range_high is set)
+    clip_range_high: float | None = Field(None, gt=0)  # DAPO's clip-higher, e.g. 0.28
     value_clip_range: float = Field(0.2, gt=0)
     vf_coef: float = Field(0.5, ge=0)
     entropy_coef: float = Field(0.0, ge=0)
     gamma: float = Field(1.0, ge=0, le=1)
     lam: float = Field(0.95, ge=0, le=1)
-    kl_coef: float = Field(0.05, ge=0)
-    kl_estimator: Literal["k1", "k3"] = "k1"
+    kl_coef: float = Field(0.05, ge=0)  # KL to the reference in the reward, per token
+    kl_estimator: Literal["k1", "k2", "k3"] = "k1"
+    kl_loss_coef: float = Field(0.0, ge=0)  # KL to the reference as a loss term (GRPO)
+    kl_loss_estimator: Literal["k2", "k3"] = "k3"
     adaptive_kl_target: float | None = None  # set to adapt kl_coef towards this KL
     target_approx_kl: float | None = None  # stop an epoch early above this approximate KL
-    whiten_advantages: bool = True
+    whiten_advantages: bool = True  # gae only
     missing_eos_penalty: float = Field(1.0, ge=0)
     critic_from: Literal["reward_model", "policy"] = "policy"
     critic_learning_rate: float = Field(1e-5, gt=0)
+    # DAPO: drop prompts whose samples all scored the same and draw more, up to this many sampling rounds
+    dynamic_sampling: bool = False
+    max_sampling_rounds: int = Field(3, ge=1)
+    overlong_buffer: int = Field(0, ge=0)  # soft penalty over the last N tokens before rollout.max_new_tokens
+    overlong_penalty: float = Field(1.0, ge=0)  # reached at max_new_tokens
+    mask_truncated: bool = False  # no loss on responses that hit max_new_tokens
+    tis_cap: float | None = Field(None, gt=0)  # truncated importance weight min(pi_trainer / pi_engine, cap)
 
 
 class PPOConfig(StageConfig):
     ppo: PPOSection = PPOSection()
     reward: RewardSection = RewardSection()
     rollout: RolloutConfig = RolloutConfig()
+
+
+GRPO_DEFAULTS = {"advantage_estimator": "grpo", "samples_per_prompt": 4, "kl_coef": 0.0, "kl_loss_coef": 0.01,
+                 "ppo_epochs": 1, "minibatch_size": 16}
+
+
+class GRPOConfig(PPOConfig):
+    """The same stage with critic-free defaults (GRPO_DEFAULTS): GRPO advantages over 4 samples per prompt,
+    token-mean loss, KL as a k3 loss term; the reward is the same router (rules, reward model, or both).
+    Its `ppo` section takes every key of PPO's; keys a file leaves out keep these defaults."""
+
+    ppo: PPOSection = PPOSection(**GRPO_DEFAULTS)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _grpo_defaults(cls, data: Any) -> Any:
+        if isinstance(data, dict) and isinstance(data.get("ppo"), dict):
+            data = {**data, "ppo": {**GRPO_DEFAULTS, **data["ppo"]}}
+        return data
 
 
 class RMSection(Section):
@@ -279,12 +321,14 @@ class PipelineStages(Section):
     tdpo: TDPOConfig | None = None
     rm: RMConfig | None = None
     ppo: PPOConfig | None = None
+    grpo: GRPOConfig | None = None
 
 
 class PipelineConfig(Section):
-    """Stages run in the order pretrain, sft, elo, tdpo, rm, ppo; a stage left out is skipped. Within a
-    stage, output_dir, seed and data default to the pipeline's, and model.path to the previous
-    policy stage's output (rm and ppo's critic start from the policy; ppo's reward.model from rm)."""
+    """Stages run in the order pretrain, sft, elo, tdpo, rm, ppo, grpo; a stage left out is skipped. Within
+    a stage, output_dir, seed and data default to the pipeline's, and model.path to the previous
+    policy stage's output (rm and ppo's critic start from the policy; ppo's and grpo's reward.model from
+    rm). The RL stages ppo and grpo both start from the policy before them, so one run can compare them."""
 
     run_dir: str = "runs/quickstart"  # every stage writes run_dir/<stage>/
     seed: int = 42
@@ -302,6 +346,7 @@ SCHEMAS: dict[str, type[BaseModel]] = {
     "elo": ELOConfig,
     "tdpo": TDPOConfig,
     "ppo": PPOConfig,
+    "grpo": GRPOConfig,
     "rm": RMConfig,
     "rm-eval": RMEvalConfig,
     "eval": EvalConfig,

@@ -1,4 +1,4 @@
-"""`m1-align pipeline`: pretrain -> SFT -> ELO -> TDPO -> RM -> PPO in one run directory.
+"""`m1-align pipeline`: pretrain -> SFT -> ELO -> TDPO -> RM -> PPO / GRPO in one run directory.
 
 Each stage reads the previous stage's output, is evaluated when it finishes, and is skipped on a
 re-run once finished (its result.json exists); an interrupted stage resumes from its checkpoint.
@@ -13,10 +13,11 @@ from pathlib import Path
 
 from m1_align.cli import STAGES
 from m1_align.config import ConfigError, PipelineConfig, StageConfig, dump_config
+from m1_align.evaluation.run import POLICY_STAGES
 from m1_align.runs import StageResult, atomic_write_text
 
-ORDER = ("pretrain", "sft", "elo", "tdpo", "rm", "ppo")
-POLICY_STAGES = ("pretrain", "sft", "elo", "tdpo", "ppo")
+ORDER = ("pretrain", "sft", "elo", "tdpo", "rm", "ppo", "grpo")
+RL_STAGES = ("ppo", "grpo")  # each starts from the last policy before RL, not from the other
 
 
 def _runner(stage: str):
@@ -45,10 +46,10 @@ def stage_configs(cfg: PipelineConfig) -> dict[str, StageConfig]:
             if policy is None:
                 raise ConfigError(f"pipeline stage {name} has no model: set stages.{name}.model.path or add a stage before it")
             stage = stage.model_copy(update={"model": stage.model.model_copy(update={"path": policy})})
-        if name == "ppo" and stage.reward.model is None and "rm" in out:
+        if name in RL_STAGES and stage.reward.model is None and "rm" in out:
             stage = stage.model_copy(update={"reward": stage.reward.model_copy(update={"model": out["rm"].output_dir})})
         out[name] = stage
-        if name in POLICY_STAGES:
+        if name in POLICY_STAGES and name not in RL_STAGES:
             policy = stage.output_dir
     return out
 

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from m1_align.rl.elo import baselines, degenerate, elo_loss
+from m1_align.rl.elo import degenerate, elo_advantages, elo_loss
 
 V, A = 5, 3  # reasoning "tokens", answers
 GOLD = 1
@@ -16,10 +16,13 @@ def toy_model(seed=0):
     return theta, w
 
 
-def terms(theta, w, paths):
-    reasoning_logp = theta.log_softmax(-1)[paths]
+def loss_of(theta, w, paths, groups, baseline, lam):
+    """ELO's loss for one-token reasoning paths, through the stage's own functions."""
+    reasoning_logp = theta.log_softmax(-1)[paths][:, None]  # [N, 1]: one reasoning token per path
     answer_logp = w.log_softmax(-1)[paths, GOLD]
-    return reasoning_logp, answer_logp
+    advantages = elo_advantages(answer_logp.detach(), groups, baseline)
+    loss, _ = elo_loss(reasoning_logp, reasoning_logp.detach(), torch.ones_like(reasoning_logp), answer_logp, advantages, lam)
+    return loss
 
 
 @pytest.mark.parametrize("baseline", ["mean", "leave_one_out", "none"])
@@ -28,8 +31,7 @@ def test_gradient_equals_formula_by_hand(baseline, lam):
     theta, w = toy_model()
     paths = torch.tensor([0, 3, 3, 1, 4, 2, 2, 0])  # two questions, K = 4 fixed samples each
     groups = torch.tensor([0, 0, 0, 0, 1, 1, 1, 1])
-    loss, _ = elo_loss(*terms(theta, w, paths), groups, baseline, lam)
-    loss.backward()
+    loss_of(theta, w, paths, groups, baseline, lam).backward()
 
     with torch.no_grad():
         p = theta.softmax(-1)
@@ -61,7 +63,7 @@ def gradient_samples(baseline, n_groups=3000, k=4, seed=0):
     p = theta.detach().softmax(-1)
     for _ in range(n_groups):
         paths = torch.multinomial(p, k, replacement=True)
-        loss, _ = elo_loss(*terms(theta, w, paths), torch.zeros(k, dtype=torch.long), baseline, 0.0)
+        loss = loss_of(theta, w, paths, torch.zeros(k, dtype=torch.long), baseline, 0.0)
         (g,) = torch.autograd.grad(loss, theta)
         grads.append(g)
     return torch.stack(grads)
@@ -81,13 +83,14 @@ def test_baseline_keeps_expected_gradient_and_lowers_variance():
     assert var_loo < 0.5 * var_plain
 
 
-def test_baselines_per_group():
+def test_advantages_per_group():
     r = torch.tensor([1.0, 2.0, 3.0, 10.0, 20.0])
     g = torch.tensor([0, 0, 0, 1, 1])
-    torch.testing.assert_close(baselines(r, g, "mean"), torch.tensor([2.0, 2.0, 2.0, 15.0, 15.0]))
-    torch.testing.assert_close(baselines(r, g, "leave_one_out"), torch.tensor([2.5, 2.0, 1.5, 20.0, 10.0]))
+    torch.testing.assert_close(elo_advantages(r, g, "mean"), r - torch.tensor([2.0, 2.0, 2.0, 15.0, 15.0]))
+    torch.testing.assert_close(elo_advantages(r, g, "leave_one_out"), r - torch.tensor([2.5, 2.0, 1.5, 20.0, 10.0]))
+    torch.testing.assert_close(elo_advantages(r, g, "none"), r)
     with pytest.raises(ValueError, match="unknown baseline"):
-        baselines(r, g, "median")
+        elo_advantages(r, g, "median")
 
 
 def test_degenerate_paths():

@@ -25,7 +25,7 @@ from m1_align.runs import RESULT_FILE, StageResult, atomic_write_json, atomic_wr
 from m1_align.training import FINAL_MODEL, ModelPathError, load_model, load_tokenizer, resolve_model_dir
 
 # Pipeline stages that produce a policy, in pipeline order (rm produces a reward model).
-POLICY_STAGES = ("pretrain", "sft", "elo", "tdpo", "ppo")
+POLICY_STAGES = ("pretrain", "sft", "elo", "tdpo", "ppo", "grpo")
 HEADLINE = (
     "mmlu_medical/accuracy_generation",
     "mmlu_medical/accuracy_loglik",

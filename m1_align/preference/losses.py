@@ -92,8 +92,11 @@ def preference_loss(
     else:
         raise ValueError(f"unknown preference loss {loss!r}; expected tdpo1, tdpo2 or dpo")
     losses = -F.logsigmoid(u - delta)
-    chosen_reward = beta * chosen.logratio.detach()
-    rejected_reward = beta * rejected.logratio.detach()
+    # TDPO's implicit reward of a response: beta * (log ratio + sequential KL) (Zeng et al. 2024, the
+    # reference code's chosen/rejected rewards); DPO's has no KL term
+    kl_term = (lambda terms: terms.sequential_kl.detach()) if loss != "dpo" else (lambda terms: 0.0)
+    chosen_reward = beta * (chosen.logratio.detach() + kl_term(chosen))
+    rejected_reward = beta * (rejected.logratio.detach() + kl_term(rejected))
     metrics = {
         "rewards/chosen": chosen_reward.mean(),
         "rewards/rejected": rejected_reward.mean(),

@@ -37,6 +37,11 @@ from m1_align.training import (
 )
 
 
+def next_token_targets(logits: torch.Tensor, input_ids: torch.Tensor, completion_mask: torch.Tensor):
+    """Position t predicts token t+1: logits [B, T-1, V] and labels [B, T-1], -100 off the completion."""
+    return logits[:, :-1], input_ids.masked_fill(completion_mask == 0, -100)[:, 1:]
+
+
 class TDPOTrainer(WSDScheduleMixin, DPOTrainer):
     def __init__(self, *args, tdpo_loss: str = "tdpo2", alpha: float = 0.5, kl_chunk_size: int = 128, **kwargs):
         super().__init__(*args, **kwargs)
@@ -55,14 +60,12 @@ class TDPOTrainer(WSDScheduleMixin, DPOTrainer):
         mode = "train" if self.model.training else "eval"
         completion_mask = inputs["completion_mask"]  # [2B, T]: 1 on response tokens
         model_inputs = {"input_ids": inputs["input_ids"], "attention_mask": inputs["attention_mask"], "use_cache": False}
-        # position t predicts token t+1
-        labels = inputs["input_ids"].masked_fill(completion_mask == 0, -100)[:, 1:]
         outputs = model(**model_inputs)
-        logits = outputs.logits[:, :-1]  # [2B, T-1, V]
+        logits, labels = next_token_targets(outputs.logits, inputs["input_ids"], completion_mask)  # [2B, T-1, V], [2B, T-1]
         peft = is_peft_model(self.accelerator.unwrap_model(self.model)) and self.ref_model is None
         no_ckpt = disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs)
         with torch.no_grad(), no_ckpt if peft else contextlib.nullcontext():
-            ref_logits = self._reference_logits(model_inputs)[:, :-1]
+            ref_logits, _ = next_token_targets(self._reference_logits(model_inputs), inputs["input_ids"], completion_mask)
         chosen, rejected = token_terms(logits, ref_logits, labels, chunk_size=self.kl_chunk_size).halves()
         loss, metrics = preference_loss(chosen, rejected, loss=self.tdpo_loss, beta=self.beta, alpha=self.alpha)
 

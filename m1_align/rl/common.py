@@ -1,4 +1,4 @@
-"""Pieces the online RL stages (ELO, PPO) share: token log-probs, batching, resumable checkpoints."""
+"""Pieces the online RL stages (ELO, PPO, GRPO) share: token log-probs, batching, resumable checkpoints."""
 
 from __future__ import annotations
 
@@ -17,11 +17,23 @@ from m1_align.runs import atomic_replace_dir
 CHECKPOINT_DIR = "checkpoint"
 
 
-def token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """log p(x_{t+1} | x_<=t) for every position: [B, T-1], float32."""
-    logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits[:, :-1]
-    logp = logits.float().log_softmax(-1)
-    return logp.gather(-1, input_ids[:, 1:].unsqueeze(-1)).squeeze(-1)
+def logprobs_from_logits(logits: torch.Tensor, labels: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """log softmax(logits / temperature) at `labels`: [B, T], float32.
+
+    One row at a time (logit - logsumexp), so a large vocabulary never holds [B, T, V] in float32 at once."""
+    rows = []
+    for row_logits, row_labels in zip(logits, labels, strict=True):
+        scaled = row_logits.float() / temperature if temperature != 1.0 else row_logits.float()
+        rows.append(scaled.gather(-1, row_labels.unsqueeze(-1)).squeeze(-1) - scaled.logsumexp(-1))
+    return torch.stack(rows)
+
+
+def token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, temperature: float = 1.0,
+                   position_ids: torch.Tensor | None = None) -> torch.Tensor:
+    """log p_T(x_{t+1} | x_<=t) for every position, p_T = softmax(logits / T): [B, T-1], float32."""
+    extra = {"position_ids": position_ids} if position_ids is not None else {}
+    logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **extra).logits[:, :-1]
+    return logprobs_from_logits(logits, input_ids[:, 1:], temperature)
 
 
 def right_pad(rows: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:

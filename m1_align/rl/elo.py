@@ -1,12 +1,15 @@
 """`m1-align elo`: Exploratory Log-likelihood Optimisation (Baichuan-M1, section 5.2.2, eqs. 1-3).
 
 The reasoning c is a latent variable sampled from the policy. For a question Q with gold answer A:
-    sample K reasoning paths      c_k ~ pi(. | Q)                      (rollout engine, vLLM by default)
-    reward of a path              r_k = log pi(A | Q, c_k)             (teacher forcing)
+    sample K reasoning paths      c_k ~ pi_T(. | Q)                    (rollout engine at rollout.temperature T)
+    reward of a path              r_k = log pi(A | Q, c_k)             (teacher forcing, the model itself: T = 1)
     baseline                      b   = mean_k r_k  (or leave-one-out: mean of the other K-1)
-    loss = -mean_k[(r_k - b).detach() * log pi(c_k | Q)] - lambda * mean_k r_k
-The first term is eq. 3's score-function gradient of the Jensen bound (eq. 2); the second is the
-pathwise part of the same gradient that eq. 3 leaves out (lambda 0 gives eq. 3 alone).
+    loss = -mean_k[(r_k - b).detach() * log pi_T(c_k | Q)] - lambda * mean_k r_k  [+ kl_coef * KL(pi_T || pi_ref,T)]
+The first term is eq. 3's score-function gradient of the Jensen bound (eq. 2), taken with the log-probs
+of the distribution that was sampled; the second is the pathwise part of the same gradient that eq. 3
+leaves out (lambda 0 gives eq. 3 alone). The optional KL is a k3 (or k2) loss term over the reasoning
+tokens, whose gradient pulls towards the reference. With elo.epochs_per_batch > 1 the score term is
+PPO's clipped per-token surrogate: the same gradient on the first pass, importance-weighted after it.
 """
 
 from __future__ import annotations
@@ -20,7 +23,8 @@ import torch
 from m1_align.config import ELOConfig
 from m1_align.data.stage_data import eval_rows, rl_rows
 from m1_align.evaluation.benchmarks import prompt_ids
-from m1_align.rl.common import right_pad, span_mask, token_logprobs
+from m1_align.rl.algorithms import group_baseline, kl_penalty, masked_mean, policy_loss
+from m1_align.rl.common import logprobs_from_logits, right_pad, span_mask
 from m1_align.rl.loop import OnlineLoop
 
 # ---------------------------------------------------------------------------------------------
@@ -28,32 +32,25 @@ from m1_align.rl.loop import OnlineLoop
 # ---------------------------------------------------------------------------------------------
 
 
-def baselines(rewards: torch.Tensor, groups: torch.Tensor, kind: str) -> torch.Tensor:
-    """Per-path baseline from the other paths of the same question. rewards, groups: [N]."""
-    out = torch.zeros_like(rewards)
-    for g in groups.unique():
-        idx = (groups == g).nonzero().squeeze(-1)
-        r = rewards[idx]
-        if kind == "mean":
-            out[idx] = r.mean()
-        elif kind == "leave_one_out":
-            out[idx] = (r.sum() - r) / (len(r) - 1) if len(r) > 1 else r
-        elif kind == "none":
-            out[idx] = 0.0
-        else:
-            raise ValueError(f"unknown baseline {kind!r}; expected mean, leave_one_out or none")
-    return out
-
-
 def elo_loss(
-    reasoning_logp: torch.Tensor, answer_logp: torch.Tensor, groups: torch.Tensor, baseline: str, lambda_answer: float
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """reasoning_logp = log pi(c_k|Q), answer_logp = r_k = log pi(A|Q,c_k), both [N] with grad.
-    Returns the loss and the (detached) advantages r_k - b."""
-    rewards = answer_logp.detach()
-    advantages = rewards - baselines(rewards, groups, baseline)
-    loss = -(advantages * reasoning_logp).mean() - lambda_answer * answer_logp.mean()
-    return loss, advantages
+    reasoning_logp: torch.Tensor, old_reasoning_logp: torch.Tensor, reasoning_mask: torch.Tensor,
+    answer_logp: torch.Tensor, advantages: torch.Tensor, lambda_answer: float, clip_range: float = 0.2,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """reasoning_logp: log pi_T per reasoning token [N, L] (with grad), old_reasoning_logp: the same at
+    sampling time (no grad), answer_logp: r_k [N] (with grad), advantages: (r_k - b) [N], fixed for the batch.
+    Loss = -mean_k sum_t clipped(ratio_kt) A_k - lambda mean_k r_k; at ratio 1 its gradient is eq. 3's."""
+    score_term, stats = policy_loss(reasoning_logp, old_reasoning_logp, advantages[:, None].expand_as(reasoning_logp),
+                                    reasoning_mask, clip_range, clip_range, agg="seq_mean_token_sum")
+    return score_term - lambda_answer * answer_logp.mean(), stats
+
+
+def elo_advantages(rewards: torch.Tensor, groups: torch.Tensor, baseline: str) -> torch.Tensor:
+    """r_k - b_k with b the mean of the question's paths, the mean of its other paths, or 0."""
+    if baseline == "none":
+        return rewards
+    if baseline not in ("mean", "leave_one_out"):
+        raise ValueError(f"unknown baseline {baseline!r}; expected mean, leave_one_out or none")
+    return rewards - group_baseline(rewards, groups, leave_one_out=baseline == "leave_one_out")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -70,7 +67,11 @@ class ReasoningPath:
 
 
 def reasoning_tokens(tokens: list[int], tokenizer, delimiter: str) -> list[int] | None:
-    """The sampled tokens before the answer delimiter; None when the path never reaches it."""
+    """The sampled text before the answer delimiter, as tokens; None when the path never reaches it.
+
+    The sampled tokens are kept up to the last one that ends at or before the delimiter; a token that
+    straddles it (".\nAns" say) is replaced by the encoding of its part before the delimiter, so no
+    reasoning text is lost and none of the delimiter is counted as reasoning."""
     text = tokenizer.decode(tokens, skip_special_tokens=False)
     cut = text.find(delimiter)
     if cut < 0:
@@ -83,7 +84,8 @@ def reasoning_tokens(tokens: list[int], tokenizer, delimiter: str) -> list[int] 
             lo = mid
         else:
             hi = mid - 1
-    return tokens[:lo]
+    rest = text[len(tokenizer.decode(tokens[:lo], skip_special_tokens=False)) : cut]
+    return tokens[:lo] + (tokenizer.encode(rest, add_special_tokens=False) if rest else [])
 
 
 def degenerate(reasoning: list[int] | None, n: int = 4, max_repeats: int = 3) -> str | None:
@@ -102,21 +104,34 @@ def answer_tokens(tokenizer, delimiter: str, answer: str) -> list[int]:
     return tokenizer.encode(f"{delimiter} {answer}", add_special_tokens=False) + [tokenizer.eos_token_id]
 
 
-def path_logprobs(model, paths: list[ReasoningPath], pad_id: int, length_normalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """log pi(c_k | Q) and r_k = log pi(A | Q, c_k) from one teacher-forced forward: [N] each."""
-    device = next(model.parameters()).device
+@dataclass
+class PathBatch:
+    """One teacher-forced batch of paths: ids [N, W] and next-token masks [N, W-1] of each span."""
+
+    ids: torch.Tensor
+    mask: torch.Tensor
+    reasoning_mask: torch.Tensor
+    answer_mask: torch.Tensor
+
+
+def path_batch(paths: list[ReasoningPath], pad_id: int, device) -> PathBatch:
     rows = [p.prompt + p.reasoning + p.answer for p in paths]
     ids, mask = right_pad(rows, pad_id, device)
-    logp = token_logprobs(model, ids, mask)  # [N, T-1]
-    starts = [len(p.prompt) for p in paths]
     mids = [len(p.prompt) + len(p.reasoning) for p in paths]
-    ends = [len(r) for r in rows]
-    reasoning_mask = span_mask(list(zip(starts, mids, strict=True)), ids.shape[1], device)
-    answer_mask = span_mask(list(zip(mids, ends, strict=True)), ids.shape[1], device)
-    reasoning_logp = (logp * reasoning_mask).sum(1)
-    answer_logp = (logp * answer_mask).sum(1)
+    reasoning = span_mask([(len(p.prompt), m) for p, m in zip(paths, mids, strict=True)], ids.shape[1], device)
+    answer = span_mask([(m, len(r)) for m, r in zip(mids, rows, strict=True)], ids.shape[1], device)
+    return PathBatch(ids, mask, reasoning, answer)
+
+
+def path_logprobs(model, batch: PathBatch, temperature: float, length_normalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """From one forward: log pi_T of every reasoning token [N, W-1] (0 outside the span) and
+    r_k = log pi(A | Q, c_k) [N] at temperature 1 (optionally per answer token)."""
+    logits = model(input_ids=batch.ids, attention_mask=batch.mask, use_cache=False).logits[:, :-1]
+    labels = batch.ids[:, 1:]
+    reasoning_logp = logprobs_from_logits(logits, labels, temperature) * batch.reasoning_mask
+    answer_logp = (logprobs_from_logits(logits, labels) * batch.answer_mask).sum(1)
     if length_normalize:
-        answer_logp = answer_logp / answer_mask.sum(1)
+        answer_logp = answer_logp / batch.answer_mask.sum(1)
     return reasoning_logp, answer_logp
 
 
@@ -170,23 +185,36 @@ class ELOLoop(OnlineLoop):
             return {**metrics, "time/sample": t1 - t0, "skipped": 1.0}
 
         groups = torch.tensor([p.group for p in paths])
-        for _ in range(cfg.elo.epochs_per_batch):
-            reasoning_logp, answer_logp = path_logprobs(self.policy, paths, tok.pad_token_id, cfg.elo.length_normalize)
-            loss, advantages = elo_loss(reasoning_logp, answer_logp, groups, cfg.elo.baseline, cfg.elo.lambda_answer)
-            if cfg.elo.kl_coef > 0:
-                loss = loss + cfg.elo.kl_coef * self.reference_kl(paths)
+        batch = path_batch(paths, tok.pad_token_id, self.device)
+        temperature = cfg.rollout.temperature or 1.0  # greedy sampling has no distribution to score; use the model's
+        ref_logp = None
+        if cfg.elo.kl_coef > 0:
+            with torch.no_grad(), self.reference_context():
+                ref_logp, _ = path_logprobs(self.reference_model, batch, temperature, False)
+        for epoch in range(cfg.elo.epochs_per_batch):
+            reasoning_logp, answer_logp = path_logprobs(self.policy, batch, temperature, cfg.elo.length_normalize)
+            if epoch == 0:  # the sampling-time log-probs and the advantages stay fixed for the whole batch
+                old_logp = reasoning_logp.detach()
+                rewards = answer_logp.detach()
+                advantages = elo_advantages(rewards, groups.to(rewards.device), cfg.elo.baseline)
+            loss, stats = elo_loss(reasoning_logp, old_logp, batch.reasoning_mask, answer_logp, advantages,
+                                   cfg.elo.lambda_answer, cfg.elo.clip_range)
+            if ref_logp is not None:
+                kl = masked_mean(kl_penalty(reasoning_logp, ref_logp, cfg.elo.kl_estimator), batch.reasoning_mask)
+                loss = loss + cfg.elo.kl_coef * kl
+                metrics["kl"] = kl.item()
             self.optimizer_step({"policy": loss})
         t2 = time.time()
         sync_diff = self.sync_engine(paths[0].prompt + paths[0].reasoning)
         t3 = time.time()
 
-        rewards = answer_logp.detach()
         metrics.update(
             {
                 "loss": loss.item(),
                 "reward/mean": rewards.mean().item(),
                 "reward/std": rewards.std().item() if len(rewards) > 1 else 0.0,
                 "advantage/abs_mean": advantages.abs().mean().item(),
+                "clip_fraction": stats["clip_fraction"].item(),
                 "reasoning_length": sum(len(p.reasoning) for p in paths) / len(paths),
                 "paths": float(len(paths)),
                 "time/sample": t1 - t0,
@@ -196,15 +224,6 @@ class ELOLoop(OnlineLoop):
             }
         )
         return metrics
-
-    def reference_kl(self, paths: list[ReasoningPath]) -> torch.Tensor:
-        """Sampled-token estimate of KL(pi || pi_start) over the reasoning tokens (k1)."""
-        ids, mask = right_pad([p.prompt + p.reasoning for p in paths], self.tokenizer.pad_token_id, self.device)
-        spans = span_mask([(len(p.prompt), len(p.prompt) + len(p.reasoning)) for p in paths], ids.shape[1], self.device)
-        logp = token_logprobs(self.policy, ids, mask)
-        with torch.no_grad(), self.reference_context():
-            ref = token_logprobs(self.reference_model, ids, mask)
-        return ((logp - ref) * spans).sum() / spans.sum().clamp_min(1)
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
@@ -218,7 +237,8 @@ class ELOLoop(OnlineLoop):
             paths.append(ReasoningPath(i, prompt_ids(self.tokenizer, row["prompt"]), reasoning, answer))
         values = []
         for start in range(0, len(paths), 16):
-            values.append(path_logprobs(self.policy, paths[start : start + 16], self.tokenizer.pad_token_id, False)[1])
+            batch = path_batch(paths[start : start + 16], self.tokenizer.pad_token_id, self.device)
+            values.append(path_logprobs(self.policy, batch, 1.0, False)[1])
         metrics["gold_answer_logp"] = torch.cat(values).mean().item() if values else float("nan")
         return metrics
 

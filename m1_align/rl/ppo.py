@@ -1,16 +1,19 @@
-"""`m1-align ppo`: PPO with rule rewards, the medical reward model and vLLM rollouts.
-
-One step, as in Ziegler et al. (2019) / Ouyang et al. (2022), written the CleanRL way:
-    1. sample responses y ~ pi_old(. | x) through the rollout engine
-    2. recompute in the trainer: old log-probs, reference log-probs, values V(s_t)
-    3. score:   reward r_T from the reward router (rule or reward model), minus a penalty without EOS
-                per-token reward  r_t = -kl_coef * KL_t  (+ r_T on the last token)
-    4. GAE:     delta_t = r_t + gamma V_{t+1} - V_t,  A_t = delta_t + gamma lam A_{t+1},  R_t = A_t + V_t
+"""`m1-align ppo` and `m1-align grpo`: policy-gradient RL with rule rewards, the medical reward model and
+vLLM rollouts. One stage, the advantage estimator chosen by name (rl/algorithms.py): GAE with a critic
+(PPO, Ziegler et al. 2019 / Ouyang et al. 2022) or a critic-free one (GRPO, RLOO, REINFORCE++), with
+DAPO's refinements as options. Written the CleanRL way:
+    1. sample n responses per prompt y ~ pi_old,T(. | x) through the rollout engine (temperature T)
+       (dynamic sampling: drop prompts whose n responses all scored the same, draw more)
+    2. recompute in the trainer: old log-probs, reference log-probs (both of the sampled distribution,
+       logits / T), values V(s_t) when the estimator has a critic
+    3. score:   reward r_T from the reward router (rule or reward model), minus a penalty without EOS,
+                minus the soft overlong penalty; per-token reward r_t = -kl_coef * KL_t (+ r_T on the last token)
+    4. advantages: GAE (and returns R_t = A_t + V_t), or group / batch baselines without a critic
     5. for each epoch and minibatch (stop the epoch early if approx KL passes its limit):
-                ratio = exp(log pi - log pi_old)
-                policy loss  = mean max(-A ratio, -A clip(ratio, 1-eps, 1+eps))
+                ratio = exp(log pi_T - log pi_old,T)
+                policy loss  = agg max(-A ratio, -A clip(ratio, 1 - eps_low, 1 + eps_high))  [x TIS weight]
                 value loss   = 0.5 mean max((V - R)^2, (clip(V, V_old-eps_v, V_old+eps_v) - R)^2)
-                loss = policy loss + vf_coef value loss - entropy_coef entropy
+                loss = policy loss + kl_loss_coef KL_k3 - entropy_coef entropy;  vf_coef value loss (critic)
     6. push the new weights into the engine and check that they arrived
 Prompts are left-padded and responses right-padded, so every response starts in the same column.
 """
@@ -18,76 +21,35 @@ Prompts are left-padded and responses right-padded, so every response starts in 
 from __future__ import annotations
 
 import math
+import random
 import time
 
 import torch
+from accelerate.utils import gather_object
 
 from m1_align.config import ConfigError, PPOConfig
 from m1_align.data.stage_data import eval_rows, rl_rows
 from m1_align.evaluation.benchmarks import prompt_ids
 from m1_align.reward_models.router import RewardRouter
-from m1_align.rl.common import TokenValues
+from m1_align.rl.algorithms import (
+    CRITIC_ESTIMATORS,
+    equal_reward_groups,
+    gae,
+    grpo_advantages,
+    kl_penalty,
+    masked_mean,
+    overlong_penalty,
+    policy_loss,
+    reinforce_pp_advantages,
+    rloo_advantages,
+    tis_weights,
+    token_level_rewards,
+    value_loss,
+    whiten,
+)
+from m1_align.rl.common import TokenValues, logprobs_from_logits
 from m1_align.rl.loop import OnlineLoop
 from m1_align.training import load_model, resolve_model_dir
-
-# ---------------------------------------------------------------------------------------------
-# The algorithm, as functions of tensors shaped [batch, response length]
-# ---------------------------------------------------------------------------------------------
-
-
-def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    return (x * mask).sum() / mask.sum().clamp_min(1)
-
-
-def whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, reduce_sum=lambda t: t) -> torch.Tensor:
-    """Zero mean, unit variance over the masked entries; `reduce_sum` sums over ranks, for the global statistics."""
-    count = reduce_sum((mask.sum()).float())
-    mean = reduce_sum((x * mask).sum()) / count
-    var = reduce_sum((((x - mean) ** 2) * mask).sum()) / count
-    out = (x - mean) * torch.rsqrt(var + 1e-8)
-    return (out if shift_mean else out + mean) * mask
-
-
-def kl_penalty(logp: torch.Tensor, ref_logp: torch.Tensor, estimator: str) -> torch.Tensor:
-    """Per-token KL(pi || pi_ref) estimate from sampled tokens (Schulman's k1 or k3)."""
-    log_ratio = logp - ref_logp
-    if estimator == "k1":
-        return log_ratio
-    if estimator == "k3":
-        return torch.expm1(-log_ratio) + log_ratio
-    raise ValueError(f"unknown KL estimator {estimator!r}; expected k1 or k3")
-
-
-def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float, lam: float):
-    """Generalised advantage estimation over right-padded responses; returns (advantages, returns)."""
-    advantages = torch.zeros_like(rewards)
-    next_value = torch.zeros_like(rewards[:, 0])
-    next_advantage = torch.zeros_like(rewards[:, 0])
-    for t in reversed(range(rewards.shape[1])):
-        m = mask[:, t]
-        delta = rewards[:, t] + gamma * next_value - values[:, t]
-        advantage = delta + gamma * lam * next_advantage
-        advantages[:, t] = advantage * m
-        # padding after the last token carries nothing back
-        next_value = torch.where(m.bool(), values[:, t], torch.zeros_like(next_value))
-        next_advantage = torch.where(m.bool(), advantage, torch.zeros_like(next_advantage))
-    return advantages, (advantages + values) * mask
-
-
-def ppo_losses(logp, old_logp, advantages, values, old_values, returns, mask, clip_range: float, value_clip_range: float):
-    """Clipped policy and value losses, and the diagnostics PPO users watch."""
-    log_ratio = logp - old_logp
-    ratio = torch.exp(log_ratio)
-    pg_losses = torch.max(-advantages * ratio, -advantages * ratio.clamp(1 - clip_range, 1 + clip_range))
-    policy_loss = masked_mean(pg_losses, mask)
-    values_clipped = old_values + (values - old_values).clamp(-value_clip_range, value_clip_range)
-    value_loss = 0.5 * masked_mean(torch.max((values - returns) ** 2, (values_clipped - returns) ** 2), mask)
-    with torch.no_grad():
-        stats = {
-            "clip_fraction": masked_mean(((ratio - 1).abs() > clip_range).float(), mask),
-            "approx_kl": masked_mean(ratio - 1 - log_ratio, mask),  # k3 estimate of KL(pi_old || pi)
-        }
-    return policy_loss, value_loss, stats
 
 
 class AdaptiveKLController:
@@ -112,14 +74,21 @@ def positions(mask: torch.Tensor) -> torch.Tensor:
     return (mask.cumsum(-1) - 1).clamp_min(0)
 
 
-def response_logprobs(model, ids, mask, start: int, with_entropy: bool = False):
-    """log pi of the response tokens (columns start..end) and optionally the entropy: [B, R]."""
+def response_logprobs(model, ids, mask, start: int, temperature: float = 1.0, with_entropy: bool = False,
+                      with_raw: bool = False):
+    """log pi_T of the response tokens (columns start..end) [B, R], pi_T = softmax(logits / T); optionally the
+    entropy of pi_T and the temperature-1 log-probs (the model's own distribution)."""
     logits = model(input_ids=ids, attention_mask=mask, position_ids=positions(mask), use_cache=False).logits
-    logits = logits[:, start - 1 : -1].float()  # position t predicts token t+1
-    logp_all = logits.log_softmax(-1)
-    logp = logp_all.gather(-1, ids[:, start:].unsqueeze(-1)).squeeze(-1)
-    entropy = -(logp_all.exp() * logp_all).sum(-1) if with_entropy else None
-    return logp, entropy
+    logits = logits[:, start - 1 : -1]  # position t predicts token t+1
+    labels = ids[:, start:]
+    logp = logprobs_from_logits(logits, labels, temperature)
+    entropy = raw = None
+    if with_entropy:  # H = logsumexp(z) - sum softmax(z) z, z = logits / T, one row at a time
+        rows = [(row.float() / temperature) for row in logits]
+        entropy = torch.stack([z.logsumexp(-1) - (z.softmax(-1) * z).sum(-1) for z in rows])
+    if with_raw:
+        raw = logp if temperature == 1.0 else logprobs_from_logits(logits, labels)
+    return logp, entropy, raw
 
 
 def response_values(critic, ids, mask, start: int) -> torch.Tensor:
@@ -136,22 +105,31 @@ class PPOLoop(OnlineLoop):
     stage = "ppo"
     cfg: PPOConfig
 
+    @property
+    def has_critic(self) -> bool:
+        return self.cfg.ppo.advantage_estimator in CRITIC_ESTIMATORS
+
     def setup(self) -> None:
-        cfg = self.cfg
+        cfg, p = self.cfg, self.cfg.ppo
+        if p.advantage_estimator in ("grpo", "rloo") and p.samples_per_prompt < 2:
+            raise ConfigError(f"ppo.advantage_estimator={p.advantage_estimator} compares the samples of a prompt: "
+                              "set ppo.samples_per_prompt to 2 or more")
         self.rows = rl_rows(cfg)
         self.eval_set = eval_rows(cfg, cfg.train.eval_limit)
-        self.kl_ctl = AdaptiveKLController(cfg.ppo.kl_coef, cfg.ppo.adaptive_kl_target)
+        self.kl_ctl = AdaptiveKLController(p.kl_coef, p.adaptive_kl_target)
         reward_model = None
         if cfg.reward.model:
             reward_model = load_model(cfg.model.model_copy(update={"gradient_checkpointing": False}), kind="seq_cls",
                                       model_dir=resolve_model_dir(cfg.reward.model), num_labels=1)
             reward_model.requires_grad_(False).eval().to(self.device)
         self.router = RewardRouter(cfg.reward, reward_model, self.tokenizer, cfg.train.max_length)
-        self.per_rank(cfg.ppo.prompts_per_step, "ppo.prompts_per_step")
-        self.minibatch_size = self.per_rank(cfg.ppo.minibatch_size, "ppo.minibatch_size")  # on this rank
+        self.prompts_per_rank = self.per_rank(p.prompts_per_step, "ppo.prompts_per_step")
+        self.minibatch_size = self.per_rank(p.minibatch_size, "ppo.minibatch_size")  # on this rank
 
     def setup_trainables(self) -> None:
         cfg = self.cfg
+        if not self.has_critic:  # critic-free estimators load and train no value model
+            return
         source = cfg.reward.model if cfg.ppo.critic_from == "reward_model" else cfg.model.path
         if source is None:
             raise ConfigError("ppo.critic_from=reward_model needs reward.model to be set")
@@ -176,68 +154,139 @@ class PPOLoop(OnlineLoop):
     def load_extra_state(self, state: dict) -> None:
         self.kl_ctl.coef = state["kl_coef"]
 
-    def rollout(self, rows: list[dict]):
-        """Sample, then build the padded batch: ids [N, P+R], mask, response mask [N, R], finish reasons."""
+    # -- sampling and scoring ----------------------------------------------------------------------
+    def sample_and_score(self, rows: list[dict]) -> list[tuple]:
+        """n responses per prompt with their scores: [(row, prompt ids, completion, score, source)]."""
         tok, p = self.tokenizer, self.cfg.ppo
         prompts = [prompt_ids(tok, r["prompt"]) for r in rows]
         samples = self.engine.generate(prompts, self.sampling(n=p.samples_per_prompt))
         flat = [(row, prompt, c) for row, prompt, cs in zip(rows, prompts, samples, strict=True) for c in cs]
-        width_p = max(len(prompt) for _, prompt, _ in flat)
-        width_r = max(max(len(c.token_ids) for _, _, c in flat), 1)
-        ids = torch.full((len(flat), width_p + width_r), tok.pad_token_id, dtype=torch.long)
+        rewards = self.router([row for row, _, _ in flat], [c.text for _, _, c in flat], [len(c.token_ids) for _, _, c in flat])
+        lengths = torch.tensor([len(c.token_ids) for _, _, c in flat])
+        no_eos = torch.tensor([c.finish_reason != "stop" for _, _, c in flat], dtype=torch.float)
+        scores = torch.tensor([r.value for r in rewards]) - p.missing_eos_penalty * no_eos
+        scores = scores + overlong_penalty(lengths, self.cfg.rollout.max_new_tokens, p.overlong_buffer, p.overlong_penalty)
+        return [(row, prompt, c, score, r.source) for (row, prompt, c), score, r in zip(flat, scores.tolist(), rewards, strict=True)]
+
+    def rollout(self, step: int) -> tuple[list[tuple], dict[str, float]]:
+        """This rank's samples for the step. With dynamic sampling, prompts whose samples all scored the same
+        (no advantage, no gradient) are dropped and more prompts are drawn, up to ppo.max_sampling_rounds."""
+        p, n = self.cfg.ppo, self.cfg.ppo.samples_per_prompt
+        rows = self.shard(self.prompt_batch(step, p.prompts_per_step))
+        samples = self.sample_and_score(rows)
+        if not p.dynamic_sampling:
+            return samples, {}
+        kept, dropped, rounds = [], 0, 0
+        while True:
+            rounds += 1
+            no_signal = equal_reward_groups(torch.tensor([s[3] for s in samples]), torch.arange(len(samples)) // n)
+            for start in range(0, len(samples), n):
+                if no_signal[start]:
+                    dropped += 1
+                else:
+                    kept += samples[start : start + n]
+            # every rank draws as many rounds as the neediest one (engines and collectives stay in step)
+            short = self.reduce_sum(torch.tensor(float(len(kept) < len(rows) * n)))
+            if short.item() == 0 or rounds >= p.max_sampling_rounds:
+                break
+            draw = random.Random(f"{self.cfg.seed}-{step}-{rounds}-{self.accelerator.process_index}")
+            samples = self.sample_and_score(draw.sample(self.rows, min(len(rows), len(self.rows))))
+        # every rank trains on as many samples (DDP and DeepSpeed step all ranks together)
+        size = min(len(kept), len(rows) * n)
+        if self.world_size > 1:
+            size = min(gather_object([size]))
+        metrics = {"dynamic/dropped_groups": float(dropped), "dynamic/rounds": float(rounds),
+                   "dynamic/kept_fraction": size / (len(rows) * n)}
+        return kept[:size], metrics
+
+    def batch(self, samples: list[tuple]):
+        """ids [N, P+R] (prompts left-padded, responses right-padded), mask, response start column, and the
+        engine's log-probs [N, R]."""
+        tok = self.tokenizer
+        width_p = max(len(prompt) for _, prompt, *_ in samples)
+        width_r = max(max(len(c.token_ids) for _, _, c, *_ in samples), 1)
+        ids = torch.full((len(samples), width_p + width_r), tok.pad_token_id, dtype=torch.long)
         mask = torch.zeros_like(ids)
-        for i, (_, prompt, c) in enumerate(flat):
+        engine_logp = torch.zeros((len(samples), width_r))
+        for i, (_, prompt, c, *_) in enumerate(samples):
             ids[i, width_p - len(prompt) : width_p] = torch.tensor(prompt)
             ids[i, width_p : width_p + len(c.token_ids)] = torch.tensor(c.token_ids, dtype=torch.long)
             mask[i, width_p - len(prompt) : width_p + len(c.token_ids)] = 1
-        return flat, ids.to(self.device), mask.to(self.device), width_p
+            engine_logp[i, : len(c.logprobs)] = torch.tensor(c.logprobs)
+        return ids.to(self.device), mask.to(self.device), width_p, engine_logp.to(self.device)
 
-    def step(self, step: int) -> dict[str, float]:
+    def advantages(self, scores, groups, token_rewards, old_values, response_mask):
+        """(advantages, returns) by the configured estimator; returns is None without a critic."""
         p = self.cfg.ppo
-        critic = self.trainables["critic"].model
-        rows = self.shard(self.prompt_batch(step, p.prompts_per_step))  # this rank's prompts
-        t0 = time.time()
-        flat, ids, mask, start = self.rollout(rows)
-        response_mask = mask[:, start:].float()
-        t1 = time.time()
-
-        with torch.no_grad():
-            old_logp, _ = response_logprobs(self.policy, ids, mask, start)
-            with self.reference_context():
-                ref_logp, _ = response_logprobs(self.reference_model, ids, mask, start)
-            old_values = response_values(critic, ids, mask, start) * response_mask
-            texts = [c.text for _, _, c in flat]
-            lengths = [len(c.token_ids) for _, _, c in flat]
-            rewards = self.router([row for row, _, _ in flat], texts, lengths)
-            scores = torch.tensor([r.value for r in rewards], device=self.device)
-            no_eos = torch.tensor([c.finish_reason != "stop" for _, _, c in flat], device=self.device)
-            scores = scores - p.missing_eos_penalty * no_eos.float()
-            kl = kl_penalty(old_logp, ref_logp, p.kl_estimator) * response_mask
-            token_rewards = -self.kl_ctl.coef * kl
-            last = (response_mask.sum(1).long() - 1).clamp_min(0)
-            token_rewards[torch.arange(len(flat)), last] += scores
+        if p.advantage_estimator == "gae":
             advantages, returns = gae(token_rewards, old_values, response_mask, p.gamma, p.lam)
             if p.whiten_advantages:
                 advantages = whiten(advantages, response_mask, reduce_sum=self.reduce_sum)
+            return advantages, returns
+        if p.advantage_estimator == "grpo":
+            return grpo_advantages(scores, groups, response_mask, p.grpo_std_normalize), None
+        if p.advantage_estimator == "rloo":
+            return rloo_advantages(scores, groups, response_mask), None
+        return reinforce_pp_advantages(token_rewards, response_mask, p.gamma, reduce_sum=self.reduce_sum), None
+
+    # -- one step ------------------------------------------------------------------------------------
+    def step(self, step: int) -> dict[str, float]:
+        p, temperature = self.cfg.ppo, self.cfg.rollout.temperature or 1.0
+        critic = self.trainables["critic"].model if self.has_critic else None
+        t0 = time.time()
+        samples, metrics = self.rollout(step)
+        if self.reduce_sum(torch.tensor(float(not samples))).item() > 0:  # every rank steps, or none does
+            return {**metrics, "skipped": 1.0}
+        ids, mask, start, engine_logp = self.batch(samples)
+        response_mask = mask[:, start:].float()
+        scores = torch.tensor([s[3] for s in samples], device=self.device)
+        groups = torch.arange(len(samples), device=self.device) // p.samples_per_prompt
+        truncated = torch.tensor([c.finish_reason != "stop" for _, _, c, *_ in samples], device=self.device)
+        t1 = time.time()
+
+        with torch.no_grad():
+            old_logp, _, old_raw = response_logprobs(self.policy, ids, mask, start, temperature, with_raw=True)
+            ref_logp = old_logp  # no KL anywhere: no reference model is kept
+            if self.needs_reference:
+                with self.reference_context():
+                    ref_logp, _, _ = response_logprobs(self.reference_model, ids, mask, start, temperature)
+            old_values = response_values(critic, ids, mask, start) * response_mask if critic is not None else None
+            kl = kl_penalty(old_logp, ref_logp, p.kl_estimator) * response_mask
+            token_rewards = token_level_rewards(scores, kl, response_mask, self.kl_ctl.coef)
+            advantages, returns = self.advantages(scores, groups, token_rewards, old_values, response_mask)
+            # the engine's own numerics against the trainer's, both of the model's (temperature-1) distribution
+            mismatch = ((old_raw - engine_logp).abs() * response_mask)
+            weights = tis_weights(old_raw, engine_logp, p.tis_cap) if p.tis_cap else None
+            # DAPO's overlong filtering: truncated responses teach nothing about how to end
+            loss_mask = response_mask * (~truncated[:, None]).float() if p.mask_truncated else response_mask
         t2 = time.time()
 
-        stats: dict[str, list[float]] = {"policy_loss": [], "value_loss": [], "entropy": [], "clip_fraction": [], "approx_kl": []}
+        stats: dict[str, list[float]] = {}
         early_stop = False
+        max_length = self.cfg.rollout.max_new_tokens
         for _ in range(p.ppo_epochs):
-            order = torch.randperm(len(flat))
+            order = torch.randperm(len(samples))
             for batch in order.split(self.minibatch_size):
-                logp, entropy = response_logprobs(self.policy, ids[batch], mask[batch], start, with_entropy=True)
-                values = response_values(critic, ids[batch], mask[batch], start)
-                m = response_mask[batch]
-                policy_loss, value_loss, s = ppo_losses(
-                    logp, old_logp[batch], advantages[batch], values, old_values[batch], returns[batch], m,
-                    p.clip_range, p.value_clip_range,
+                logp, entropy, _ = response_logprobs(self.policy, ids[batch], mask[batch], start, temperature, with_entropy=True)
+                m = loss_mask[batch]
+                pg_loss, s = policy_loss(
+                    logp, old_logp[batch], advantages[batch], m, p.clip_range, p.clip_range_high or p.clip_range,
+                    p.loss_agg_mode, max_length, None if weights is None else weights[batch],
                 )
                 entropy_mean = masked_mean(entropy, m)
-                # loss = policy loss + vf_coef value loss - entropy_coef entropy; actor and critic share no weights
-                self.optimizer_step({"policy": policy_loss - p.entropy_coef * entropy_mean, "critic": p.vf_coef * value_loss})
-                for key, value in (("policy_loss", policy_loss), ("value_loss", value_loss), ("entropy", entropy_mean), *s.items()):
-                    stats[key].append(value.item())
+                losses = {"policy": pg_loss - p.entropy_coef * entropy_mean}
+                if p.kl_loss_coef > 0:
+                    kl_loss = masked_mean(kl_penalty(logp, ref_logp[batch], p.kl_loss_estimator), m)
+                    losses["policy"] = losses["policy"] + p.kl_loss_coef * kl_loss
+                    s["kl_loss"] = kl_loss.detach()
+                if critic is not None:
+                    values = response_values(critic, ids[batch], mask[batch], start)
+                    losses["critic"] = p.vf_coef * value_loss(values, old_values[batch], returns[batch], m, p.value_clip_range)
+                    s["value_loss"] = losses["critic"].detach() / max(p.vf_coef, 1e-12)
+                # actor and critic share no weights: one backward each
+                self.optimizer_step(losses)
+                for key, value in (("policy_loss", pg_loss), ("entropy", entropy_mean), *s.items()):
+                    stats.setdefault(key, []).append(value.item())
                 approx_kl = self.reduce_sum(s["approx_kl"]) / self.world_size  # every rank stops together
                 if p.target_approx_kl is not None and approx_kl > p.target_approx_kl:
                     early_stop = True
@@ -248,23 +297,28 @@ class PPOLoop(OnlineLoop):
         sync_diff = self.sync_engine(ids[0, mask[0].bool()].tolist()[:64])
         t4 = time.time()
 
-        mean_kl = (self.reduce_sum(kl.sum()) / (len(flat) * self.world_size)).item()  # per response, over all ranks
-        self.kl_ctl.update(mean_kl, len(flat) * self.world_size)
-        var_returns = torch.var(returns[response_mask.bool()])
-        explained = 1 - torch.var((returns - old_values)[response_mask.bool()]) / var_returns.clamp_min(1e-8)
-        metrics = {k: sum(v) / len(v) for k, v in stats.items() if v}
+        n = len(samples)
+        mean_kl = (self.reduce_sum(kl.sum()) / (n * self.world_size)).item()  # per response, over all ranks
+        self.kl_ctl.update(mean_kl, n * self.world_size)
+        metrics.update({k: sum(v) / len(v) for k, v in stats.items() if v})
         by_source: dict[str, list[float]] = {}
-        for r in rewards:
-            by_source.setdefault(r.source, []).append(r.value)
+        for *_, score, source in samples:
+            by_source.setdefault(source, []).append(score)
         metrics.update({f"reward/{k}": sum(v) / len(v) for k, v in by_source.items()})
+        if returns is not None:
+            var_returns = torch.var(returns[response_mask.bool()])
+            explained = 1 - torch.var((returns - old_values)[response_mask.bool()]) / var_returns.clamp_min(1e-8)
+            metrics["explained_variance"] = explained.item()
         metrics.update(
             {
                 "reward/mean": scores.mean().item(),
                 "kl": mean_kl,
                 "kl_coef": self.kl_ctl.coef,
-                "explained_variance": explained.item(),
-                "response_length": sum(lengths) / len(lengths),
-                "eos_rate": 1 - no_eos.float().mean().item(),
+                "advantage/abs_mean": masked_mean(advantages.abs(), response_mask).item(),
+                "response_length": response_mask.sum(1).mean().item(),
+                "eos_rate": 1 - truncated.float().mean().item(),
+                "engine_mismatch/mean": masked_mean(mismatch, response_mask).item(),
+                "engine_mismatch/max": mismatch.max().item(),
                 "sync/logprob_diff": sync_diff,
                 "early_stopped": float(early_stop),
                 "time/generate": t1 - t0,
@@ -276,5 +330,13 @@ class PPOLoop(OnlineLoop):
         return metrics
 
 
+class GRPOLoop(PPOLoop):
+    stage = "grpo"
+
+
 def run(cfg: PPOConfig):
     return PPOLoop(cfg, needs_reference=True).run()
+
+
+def run_grpo(cfg: PPOConfig):
+    return GRPOLoop(cfg, needs_reference=cfg.ppo.kl_coef > 0 or cfg.ppo.kl_loss_coef > 0).run()
