@@ -27,7 +27,8 @@ STAGES: dict[str, tuple[str | None, str]] = {
 
 
 # Raised for bad input (paths, data files, finished outputs, missing data packages), not for bugs.
-USER_ERRORS = {"OutputExistsError", "ModelPathError", "DataError", "MissingSourceError", "LeakError", "UserInputError"}
+USER_ERRORS = {"OutputExistsError", "ModelPathError", "DataError", "MissingSourceError", "LeakError", "UserInputError",
+               "GGUFImportError"}
 
 
 def _add_config_args(parser: argparse.ArgumentParser) -> None:
@@ -78,6 +79,11 @@ def build_parser() -> argparse.ArgumentParser:
     data = sub.add_parser("data", help="build or show the offline medical datasets", description="build or show the offline medical datasets")
     data.add_argument("action", choices=["build", "show"])
     _add_config_args(data)
+    gguf = sub.add_parser("import-gguf", help="turn a GGUF file (or the bundled SmolLM2: smollm2) into a HF model folder",
+                          description="turn a GGUF file into a Hugging Face model folder, checked by a log-prob probe")
+    gguf.add_argument("gguf", help="a .gguf file, or a bundled model: smollm2 (SmolLM2-135M-Instruct)")
+    gguf.add_argument("output_dir", help="the Hugging Face model folder to write")
+    gguf.add_argument("--overwrite", action="store_true", help="replace a model already in output_dir")
     return parser
 
 
@@ -145,6 +151,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "data":
             return _run_data(args)
+        if args.command == "import-gguf":
+            from m1_align.model.gguf_import import import_gguf
+
+            report = import_gguf(args.gguf, args.output_dir, args.overwrite)
+            print(f"imported {report['architecture']} ({report['parameters'] / 1e6:.1f}M parameters) into {args.output_dir}; "
+                  f"probe max |log-prob diff| {report['probe_max_abs_logprob_diff']:.1e} over {report['probe_tokens']} tokens")
+            return 0
         return _run_stage(args.command, args)
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)

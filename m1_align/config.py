@@ -48,9 +48,10 @@ class LoraConfig(Section):
     r: int = Field(16, ge=1)  # adapter rank
     alpha: int = Field(32, ge=1)  # scaling numerator (scale = alpha / r)
     dropout: float = Field(0.05, ge=0, lt=1)
-    # Hybrid model names; for other HF models pass their projection names.
-    target_modules: list[str] = ["W_pack", "o_proj", "gate_proj", "up_proj", "down_proj"]
-    merge_on_save: bool = False  # also write merged full weights next to the adapter
+    # "all-linear": every linear layer of the body, whatever the architecture (the hybrid's W_pack, o_proj and
+    # MLP; a Llama's q/k/v/o and MLP), never the output head; or a list of module names
+    target_modules: list[str] | Literal["all-linear"] = "all-linear"
+    merge_on_save: bool = False  # model/ gets the merged full weights (the adapter goes to adapter/); off: model/ is the adapter
 
 
 class ModelConfig(Section):
@@ -100,7 +101,7 @@ class TrainConfig(Section):
     logging_steps: int = Field(10, ge=1)
     eval_steps: int | None = None  # held-out loss every N steps (None: only at the end)
     eval_max_new_tokens: int = Field(96, ge=1)  # generation length for held-out answer accuracy
-    eval_limit: int | None = Field(None, ge=1)  # held-out questions per task at the end (None: all)
+    eval_limit: int | None = Field(None, ge=1)  # held-out dev questions per task the stage checks itself on (None: all)
     report_to: list[Literal["tensorboard", "wandb"]] = []  # metrics.jsonl is always written
     deepspeed: str | None = None  # a DeepSpeed JSON config, e.g. configs/deepspeed/zero2.json
     resume: bool = True  # continue from the last checkpoint in output_dir when there is one
@@ -285,7 +286,10 @@ class EvalSection(Section):
     mmlu_medical: bool = True  # MMLU's six medical subjects: generated letter and option log-likelihood
     verifiable_sets: bool = True  # the held-out verifiable questions (split `eval` or data.eval_file)
     max_new_tokens: int = Field(96, ge=1)
-    limit: int | None = Field(None, ge=1)  # at most this many questions per benchmark
+    limit: int | None = Field(None, ge=1)  # at most this many questions per task (verifiable) or benchmark (open)
+    split: Literal["test", "dev"] = "test"  # verifiable sets: test = first `limit` per task (reported), dev = last
+    mmlu_limit: int | None = Field(None, ge=1)  # MMLU-medical questions by option log-likelihood, spread over the subjects (None: all 1,089)
+    mmlu_generation_limit: int | None = Field(60, ge=1)  # of those, how many are also answered by free generation
     batch_size: int = Field(32, ge=1)  # sequences per generation / scoring batch (32 decodes 2.6x faster than 8 on CPU)
     max_length: int = Field(1024, ge=8)  # tokens per conversation the reward model scores
     reward_model: str | None = None  # average RM score on open questions

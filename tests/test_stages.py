@@ -119,5 +119,5 @@ def test_tdpo_with_lora_takes_the_adapter_disabled_policy_as_reference(data_cach
     m = run("tdpo", cfg).metrics
     # with the adapter off the network is the reference: no KL before training, some after
     assert m["before/rewards/margin"] == 0.0 and m["seqkl/chosen"] > 0.0
-    assert (tmp_path / "lora" / "model" / "adapter_config.json").is_file()
-    assert (tmp_path / "lora" / "model-merged" / "model.safetensors").is_file()
+    assert (tmp_path / "lora" / "adapter" / "adapter_config.json").is_file()
+    assert (tmp_path / "lora" / "model" / "model.safetensors").is_file()  # merged: what the next stage loads

@@ -9,6 +9,7 @@ Assistant turns are wrapped in transformers' {% generation %} markers, so
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -80,6 +81,10 @@ def apply_chat_template(
     )
 
 
+def has_generation_markers(template: str) -> bool:
+    return re.search(r"{%-?\s*generation\s*-?%}", template) is not None
+
+
 def encode_chat(tokenizer: Any, messages: Sequence[Mapping[str, str]]) -> dict[str, list[int]]:
     """input_ids and assistant_mask (1 on assistant tokens) for one conversation.
 
@@ -87,7 +92,7 @@ def encode_chat(tokenizer: Any, messages: Sequence[Mapping[str, str]]) -> dict[s
     rendering instead: the tokens added by each assistant turn.
     """
     template = chat_template_for(tokenizer)
-    if "{% generation %}" in template or "{%- generation %}" in template:
+    if has_generation_markers(template):
         out = apply_chat_template(
             tokenizer, messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True
         )
@@ -105,6 +110,12 @@ def _encode_by_prefixes(tokenizer: Any, messages: list[Mapping[str, str]]) -> di
         full = apply_chat_template(tokenizer, messages[: i + 1])
         prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
         full_ids = tokenizer(full, add_special_tokens=False)["input_ids"]
+        if full_ids[: len(prompt_ids)] != prompt_ids or full_ids[: len(ids)] != ids:
+            raise ValueError(
+                "the tokenizer's chat template is not prefix-preserving (rendering a conversation up to an assistant "
+                "turn does not tokenise to a prefix of the whole), so the assistant tokens cannot be found; add "
+                "{% generation %} markers to its chat_template or set sft.assistant_only_loss=false"
+            )
         mask += [0] * (len(prompt_ids) - len(ids)) + [1] * (len(full_ids) - len(prompt_ids))
         ids = full_ids
     full_ids = tokenizer(apply_chat_template(tokenizer, messages), add_special_tokens=False)["input_ids"]

@@ -68,18 +68,23 @@ def preference_datasets(cfg: StageConfig, keep: tuple[str, ...] = ()) -> tuple[D
     return Dataset.from_list(train), Dataset.from_list(held) if held else None
 
 
-def limit_per_task(rows: list[dict[str, Any]], limit: int | None) -> list[dict[str, Any]]:
+def limit_per_task(rows: list[dict[str, Any]], limit: int | None, from_end: bool = False) -> list[dict[str, Any]]:
+    """At most `limit` rows per task, the first ones (or the last ones: from_end)."""
     if limit is None:
         return rows
     kept: dict[str, list] = defaultdict(list)
-    for row in rows:
+    for row in reversed(rows) if from_end else rows:
         if len(kept[row.get("task", "")]) < limit:
             kept[row.get("task", "")].append(row)
-    return [row for rows_ in kept.values() for row in rows_]
+    return [row for rows_ in kept.values() for row in (reversed(rows_) if from_end else rows_)]
 
 
-def eval_rows(cfg: StageConfig, limit: int | None = None) -> list[dict[str, Any]]:
-    """Held-out verifiable questions: `prompt` (messages), `answer`, `rule`, `task`."""
+def eval_rows(cfg: StageConfig, limit: int | None = None, split: str = "test") -> list[dict[str, Any]]:
+    """Held-out verifiable questions: `prompt` (messages), `answer`, `rule`, `task`.
+
+    split "test": the first `limit` questions per task, which the README reports; "dev": the last `limit`
+    per task, for tuning and for the stages' own progress checks (disjoint from test while 2 x limit <=
+    data.eval_per_task), so settings are never chosen on the reported questions."""
     if cfg.data.answer_eval_file:
         # user rows may omit how to check them: exact (normalised) match under the task "user"
         rows = [{"rule": "exact_term", "task": "user", **{k: v for k, v in r.items() if v is not None}}
@@ -88,7 +93,9 @@ def eval_rows(cfg: StageConfig, limit: int | None = None) -> list[dict[str, Any]
         rows = _split(cfg, "eval")
     else:
         return []
-    return limit_per_task(rows, limit)
+    if split not in ("test", "dev"):
+        raise ValueError(f"unknown held-out split {split!r}; expected test or dev")
+    return limit_per_task(rows, limit, from_end=split == "dev")
 
 
 def rl_rows(cfg: StageConfig) -> list[dict[str, Any]]:

@@ -146,14 +146,16 @@ def option_logliks(model, tokenizer, rows: list[dict[str, Any]], batch_size: int
 
 
 def mmlu_medical(
-    model, tokenizer, rows: list[dict[str, Any]], generate: Generate, batch_size: int = 8
+    model, tokenizer, rows: list[dict[str, Any]], generate: Generate, batch_size: int = 8, generation_limit: int | None = None
 ) -> tuple[Metrics, list[dict]]:
-    """Generated-letter accuracy and log-likelihood accuracy, overall and per subject."""
-    completions = generate([row["prompt"] for row in rows])
+    """Log-likelihood accuracy on every row and generated-letter accuracy on the first `generation_limit`
+    (rows come balanced over the subjects), overall and per subject."""
+    generated = rows[:generation_limit] if generation_limit is not None else rows
+    completions = generate([row["prompt"] for row in generated]) + [None] * (len(rows) - len(generated))
     logliks = option_logliks(model, tokenizer, rows, batch_size)
     samples = []
     for row, completion, scores in zip(rows, completions, logliks, strict=True):
-        parsed = score(row["rule"], completion, row["answer"])
+        parsed = score(row["rule"], completion, row["answer"]) if completion is not None else None
         best = LETTERS[max(range(len(scores)), key=scores.__getitem__)]
         samples.append(
             {
@@ -162,20 +164,21 @@ def mmlu_medical(
                 "item": row["item"],
                 "answer": row["answer"],
                 "completion": completion,
-                "parsed": parsed.parsed,
-                "generation_correct": parsed.score,
+                "parsed": parsed.parsed if parsed else None,
+                "generation_correct": parsed.score if parsed else None,
                 "option_logliks": scores,
                 "loglik_letter": best,
                 "loglik_correct": float(best == row["answer"]),
             }
         )
-    metrics: Metrics = {"mmlu_medical/n": len(samples)}
+    metrics: Metrics = {"mmlu_medical/n": len(samples), "mmlu_medical/n_generation": len(generated)}
     groups = [("", samples)] + [
         (f"{_key(s)}/", [x for x in samples if x["subject"] == s])
         for s in sorted({x["subject"] for x in samples})
     ]
     for prefix, group in groups:
-        metrics[f"mmlu_medical/{prefix}accuracy_generation"] = _mean([x["generation_correct"] for x in group])
+        metrics[f"mmlu_medical/{prefix}accuracy_generation"] = _mean([x["generation_correct"] for x in group
+                                                                       if x["generation_correct"] is not None])
         metrics[f"mmlu_medical/{prefix}accuracy_loglik"] = _mean([x["loglik_correct"] for x in group])
     return metrics, samples
 

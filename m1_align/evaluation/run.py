@@ -68,7 +68,7 @@ def _mmlu_rows(cfg: EvalConfig) -> list[dict[str, Any]]:
     if not (cfg.eval.mmlu_medical and cfg.data.builtin):
         return []
     return benchmarks.take_balanced(
-        read_split_rows(built_dir(cfg), "mmlu_medical"), "subject", cfg.eval.limit
+        read_split_rows(built_dir(cfg), "mmlu_medical"), "subject", cfg.eval.mmlu_limit
     )
 
 
@@ -84,10 +84,10 @@ def evaluate(cfg: EvalConfig, model, tokenizer) -> tuple[dict[str, Any], list[di
     samples: list[dict] = []
     mmlu = _mmlu_rows(cfg)
     if mmlu:
-        found, rows = benchmarks.mmlu_medical(model, tokenizer, mmlu, generate, cfg.eval.batch_size)
+        found, rows = benchmarks.mmlu_medical(model, tokenizer, mmlu, generate, cfg.eval.batch_size, cfg.eval.mmlu_generation_limit)
         metrics.update(found)
         samples += rows
-    verifiable = eval_rows(cfg, cfg.eval.limit) if cfg.eval.verifiable_sets else []
+    verifiable = eval_rows(cfg, cfg.eval.limit, cfg.eval.split) if cfg.eval.verifiable_sets else []
     if verifiable:
         found, rows = benchmarks.verifiable_sets(verifiable, generate)
         metrics.update(found)

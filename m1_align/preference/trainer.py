@@ -128,6 +128,6 @@ def run(cfg: TDPOConfig) -> StageResult:
         after = trainer.evaluate()
         metrics.update({k.removeprefix("eval_"): v for k, v in after.items() if k.startswith(("eval_rewards", "eval_preference", "eval_seqkl", "eval_loss"))})
     metrics.update(answer_accuracy(
-        trainer.model, tokenizer, eval_rows(cfg, cfg.train.eval_limit), max_new_tokens=cfg.train.eval_max_new_tokens
+        trainer.model, tokenizer, eval_rows(cfg, cfg.train.eval_limit, split="dev"), max_new_tokens=cfg.train.eval_max_new_tokens
     ))
     return finish_stage(trainer, logger, "tdpo", output_dir, metrics, start)

@@ -146,7 +146,7 @@ class ELOLoop(OnlineLoop):
 
     def setup(self) -> None:
         self.rows = rl_rows(self.cfg)
-        self.eval_set = eval_rows(self.cfg, self.cfg.train.eval_limit)
+        self.eval_set = eval_rows(self.cfg, self.cfg.train.eval_limit, split="dev")
         self.delimiter = self.cfg.elo.answer_delimiter
         self.per_rank(self.cfg.elo.prompts_per_step, "elo.prompts_per_step")
 

@@ -115,7 +115,7 @@ class PPOLoop(OnlineLoop):
             raise ConfigError(f"ppo.advantage_estimator={p.advantage_estimator} compares the samples of a prompt: "
                               "set ppo.samples_per_prompt to 2 or more")
         self.rows = rl_rows(cfg)
-        self.eval_set = eval_rows(cfg, cfg.train.eval_limit)
+        self.eval_set = eval_rows(cfg, cfg.train.eval_limit, split="dev")
         self.kl_ctl = AdaptiveKLController(p.kl_coef, p.adaptive_kl_target)
         reward_model = None
         if cfg.reward.model:

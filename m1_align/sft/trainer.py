@@ -1,6 +1,7 @@
 """`m1-align sft`: supervised fine-tuning with TRL's SFTTrainer.
 
-TRL does the tokenisation, the assistant-only loss mask and the packing (best-fit decreasing into
+TRL does the tokenisation, the assistant-only loss mask (we do these two for chat templates without
+`{% generation %}` markers, such as most HF models' ChatML) and the packing (best-fit decreasing into
 padding-free rows whose position ids restart at every sample; the hybrid model turns those restarts
 into sample masking for attention and the K/V convolution). We add the config, the data, resume,
 metrics.jsonl, the atomic final save and the held-out evaluation.
@@ -15,6 +16,7 @@ from trl import SFTConfig as TRLSFTConfig
 from trl import SFTTrainer
 
 from m1_align.config import SFTConfig
+from m1_align.data.chat import chat_template_for, encode_chat, has_generation_markers
 from m1_align.data.stage_data import eval_rows, sft_datasets
 from m1_align.evaluation.benchmarks import answer_accuracy
 from m1_align.runs import MetricsLogger, StageResult, prepare_output_dir
@@ -36,15 +38,33 @@ class M1SFTTrainer(WSDScheduleMixin, SFTTrainer):
     pass
 
 
+def assistant_masked(dataset, tokenizer):
+    """Conversations tokenised here with their assistant-token mask (from prefix rendering, m1_align.data.chat),
+    for chat templates without {% generation %} markers; TRL turns `assistant_masks` into labels."""
+    if dataset is None:
+        return None
+
+    def encode(row):
+        out = encode_chat(tokenizer, row["messages"])
+        return {"input_ids": out["input_ids"], "assistant_masks": out["assistant_mask"]}
+
+    return dataset.map(encode, remove_columns=dataset.column_names)
+
+
 def build_trainer(cfg: SFTConfig, output_dir: Path, logger: MetricsLogger):
     model_dir = resolve_model_dir(cfg.model.path)
     tokenizer = load_tokenizer(cfg.model, model_dir)
     train_dataset, eval_dataset = sft_datasets(cfg)
+    assistant_only_loss = cfg.sft.assistant_only_loss
+    if assistant_only_loss and not has_generation_markers(chat_template_for(tokenizer)):
+        # TRL masks through {% generation %} markers, which most HF models' templates (ChatML...) lack
+        train_dataset, eval_dataset = (assistant_masked(d, tokenizer) for d in (train_dataset, eval_dataset))
+        assistant_only_loss = False  # the `assistant_masks` column carries the mask instead
     args = TRLSFTConfig(
         **training_arguments(cfg, output_dir),
         max_length=cfg.train.max_length,
         packing=cfg.sft.packing,
-        assistant_only_loss=cfg.sft.assistant_only_loss,
+        assistant_only_loss=assistant_only_loss,
         eos_token=tokenizer.eos_token,
     )
     trainer = M1SFTTrainer(
@@ -73,6 +93,6 @@ def run(cfg: SFTConfig) -> StageResult:
     if trainer.eval_dataset is not None:
         metrics["eval_loss"] = trainer.evaluate()["eval_loss"]
     metrics.update(answer_accuracy(
-        trainer.model, tokenizer, eval_rows(cfg, cfg.train.eval_limit), max_new_tokens=cfg.train.eval_max_new_tokens
+        trainer.model, tokenizer, eval_rows(cfg, cfg.train.eval_limit, split="dev"), max_new_tokens=cfg.train.eval_max_new_tokens
     ))
     return finish_stage(trainer, logger, "sft", output_dir, metrics, start)

