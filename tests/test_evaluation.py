@@ -145,6 +145,7 @@ def test_eval_writes_metrics_for_every_benchmark(env):
             f"model.path={env['root'] / 'lm'}",
             f"output_dir={out}",
             "eval.limit=6",
+            "eval.mmlu_limit=6",
             "eval.max_new_tokens=4",
             f"eval.reward_model={env['root'] / 'rm'}",
             *env["data_args"],
@@ -193,6 +194,7 @@ def test_eval_cli_on_a_run_dir_evaluates_its_last_policy_stage(env, capsys):
             "eval",
             str(run_dir),
             "eval.limit=1",
+            "eval.mmlu_limit=1",
             "eval.max_new_tokens=2",
             "eval.mmlu_medical=false",
             *env["data_args"],
@@ -247,3 +249,22 @@ def test_run_report_has_every_stage_and_plots(env):
         assert f"plots/{name}.png" in text
     assert "| mmlu_medical | 1089 |" in text  # the data manifest
     assert "| ppo | 15 | – |" in text and "| transformers |" in text and "cache_dir:" in text
+
+
+@pytest.mark.parametrize("which", ["hybrid", "llama"])
+def test_prompt_once_option_scores_equal_scoring_each_option_in_full(env, tiny_llama_dir, which):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if which == "hybrid":
+        model, tok = env["lm"], env["tokenizer"]
+    else:
+        model = AutoModelForCausalLM.from_pretrained(str(tiny_llama_dir))
+        tok = AutoTokenizer.from_pretrained(str(tiny_llama_dir))
+    rows = read_split_rows(env["built"], "mmlu_medical")[:5]  # prompts of different lengths: left padding
+    got = benchmarks.option_logliks(model, tok, rows, batch_size=3)
+    prefix = tok(benchmarks.LOGLIK_PREFIX, add_special_tokens=False)["input_ids"]
+    for row, scores in zip(rows, got, strict=True):
+        context = benchmarks.prompt_ids(tok, row["prompt"]) + prefix
+        plain = benchmarks.continuation_logprobs(
+            model, [(context, tok(" " + o, add_special_tokens=False)["input_ids"]) for o in row["options"]], tok.pad_token_id, 1)
+        assert scores == pytest.approx(plain, abs=2e-4)

@@ -18,7 +18,7 @@ def smallest(tmp_path, data_cache, run_dir):
         f"run_dir={run_dir}",
         f"data.cache_dir={data_cache}",
         *(f"data.{k}={v}" for k, v in SMALL_DATA.items()),
-        "eval.eval.limit=2", "eval.eval.max_new_tokens=8",
+        "eval.eval.limit=2", "eval.eval.mmlu_limit=2", "eval.eval.max_new_tokens=8",
         "stages.pretrain.model.preset=tiny", "stages.pretrain.pretrain.vocab_size=512",
         "stages.pretrain.pretrain.heldout_texts=16",
         "stages.pretrain.train.max_steps=3", "stages.sft.train.max_steps=3", "stages.elo.train.max_steps=2",
@@ -91,7 +91,7 @@ def test_every_shipped_config_validates():
 
     from m1_align.config import load_config
 
-    schema_of = {"sft": "sft", "tdpo": "tdpo", "elo": "elo", "ppo": "ppo", "rm": "rm"}
+    schema_of = {"sft": "sft", "tdpo": "tdpo", "elo": "elo", "ppo": "ppo", "rm": "rm", "grpo": "grpo", "smollm2": "pipeline"}
     for path in sorted(Path("configs").rglob("*.yaml")):
         if path.parent.name == "accelerate":
             continue

@@ -106,7 +106,11 @@ def _key(name: str) -> str:
 def continuation_logprobs(
     model, sequences: list[tuple[list[int], list[int]]], pad_id: int, batch_size: int = 8
 ) -> list[float]:
-    """sum log p(continuation | context) for each (context ids, continuation ids) pair."""
+    """sum log p(continuation | context) for each (context ids, continuation ids) pair.
+
+    Rows are left-padded so every continuation ends in the last column, and the output head runs on the
+    last (longest continuation + 1) positions only (`logits_to_keep`): a 49K-word vocabulary is never
+    projected over the prompts."""
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
@@ -115,34 +119,65 @@ def continuation_logprobs(
     totals = [0.0] * len(sequences)
     for start in range(0, len(order), batch_size):
         indices = order[start : start + batch_size]
-        batch = [sequences[i] for i in indices]
-        rows = [context + continuation for context, continuation in batch]
+        rows = [sequences[i][0] + sequences[i][1] for i in indices]
         width = max(len(r) for r in rows)
-        ids = torch.tensor([r + [pad_id] * (width - len(r)) for r in rows], device=device)
-        mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows], device=device)
-        logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
-        for i, (context, continuation) in enumerate(batch):
-            # logits at position t predict token t+1; only the continuation's positions are needed
-            end = len(context) + len(continuation)
-            logp = logits[i, len(context) - 1 : end - 1].float().log_softmax(-1)
-            target = ids[i, len(context) : end]
-            totals[indices[i]] = logp.gather(-1, target[:, None]).sum().item()
+        ids = torch.tensor([[pad_id] * (width - len(r)) + r for r in rows], device=device)
+        mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=device)
+        keep = max(len(sequences[i][1]) for i in indices) + 1
+        logits = model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp_min(0),
+                       use_cache=False, logits_to_keep=keep).logits  # [B, keep, V]: positions width-keep .. width-1
+        for row, i in enumerate(indices):
+            n = len(sequences[i][1])
+            # the logit at column t predicts token t+1: the continuation's n tokens come from the n columns before the last
+            logp = logits[row, keep - n - 1 : keep - 1].float().log_softmax(-1)
+            totals[i] = logp.gather(-1, ids[row, width - n :, None]).sum().item()
     model.train(was_training)
     return totals
 
 
+@torch.inference_mode()
 def option_logliks(model, tokenizer, rows: list[dict[str, Any]], batch_size: int = 8) -> list[list[float]]:
-    """Per row, sum log p(" " + option text | prompt + "Answer:") for each of its options."""
+    """Per row, sum log p(" " + option text | prompt + "Answer:") for each of its options.
+
+    The prompt runs once per question: its KV cache is repeated for the options, which continue from it
+    (`batch_repeat_interleave`), so an n-option question costs one prompt forward, not n."""
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
     prefix = tokenizer(LOGLIK_PREFIX, add_special_tokens=False)["input_ids"]
-    sequences = []
-    for row in rows:
-        context = prompt_ids(tokenizer, row["prompt"]) + prefix
-        sequences += [
-            (context, tokenizer(" " + option, add_special_tokens=False)["input_ids"])
-            for option in row["options"]
-        ]
-    flat = iter(continuation_logprobs(model, sequences, tokenizer.pad_token_id, batch_size))
-    return [list(itertools.islice(flat, len(row["options"]))) for row in rows]
+    pad = tokenizer.pad_token_id
+    contexts = [prompt_ids(tokenizer, row["prompt"]) + prefix for row in rows]
+    options = [[tokenizer(" " + o, add_special_tokens=False)["input_ids"] for o in row["options"]] for row in rows]
+    out: list[list[float]] = [[] for _ in rows]
+    # questions with as many options share a batch; longest prompts first (little padding)
+    order = sorted(range(len(rows)), key=lambda i: (len(options[i]), -len(contexts[i])))
+    for _, same_n in itertools.groupby(order, key=lambda i: len(options[i])):
+        same_n = list(same_n)
+        for start in range(0, len(same_n), batch_size):
+            batch = same_n[start : start + batch_size]
+            n = len(options[batch[0]])
+            width = max(len(contexts[i]) for i in batch)
+            ids = torch.tensor([[pad] * (width - len(contexts[i])) + contexts[i] for i in batch], device=device)
+            mask = torch.tensor([[0] * (width - len(contexts[i])) + [1] * len(contexts[i]) for i in batch], device=device)
+            prompt = model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp_min(0),
+                           use_cache=True, logits_to_keep=1)
+            first = prompt.logits[:, -1].float().log_softmax(-1).repeat_interleave(n, 0)  # [B*n, V]: the first option token
+            cache = prompt.past_key_values
+            cache.batch_repeat_interleave(n)
+            opts = [o for i in batch for o in options[i]]
+            length = max(len(o) for o in opts)
+            opt_ids = torch.tensor([o + [pad] * (length - len(o)) for o in opts], device=device)
+            opt_mask = torch.tensor([[1] * len(o) + [0] * (length - len(o)) for o in opts], device=device)
+            full_mask = torch.cat([mask.repeat_interleave(n, 0), opt_mask], dim=1)
+            positions = mask.sum(1).repeat_interleave(n, 0)[:, None] + torch.arange(length, device=device)
+            logits = model(input_ids=opt_ids, attention_mask=full_mask, position_ids=positions, past_key_values=cache,
+                           use_cache=True).logits.float()  # [B*n, L, V]: column j predicts option token j+1
+            rest = logits[:, :-1].log_softmax(-1).gather(-1, opt_ids[:, 1:, None])[..., 0] * opt_mask[:, 1:]
+            totals = first.gather(-1, opt_ids[:, :1])[:, 0] + rest.sum(1)
+            for k, i in enumerate(batch):
+                out[i] = totals[k * n : (k + 1) * n].tolist()
+    model.train(was_training)
+    return out
 
 
 def mmlu_medical(

@@ -53,11 +53,30 @@ def default_output_dir(model_dir: Path, stage_dir: Path | None) -> Path:
     return stage_dir / "eval" if stage_dir else Path("runs/eval") / model_dir.name
 
 
-def make_generator(cfg: EvalConfig, model, tokenizer) -> benchmarks.Generate:
-    """The one place generation is set up (greedy): HF generate for now."""
-    if cfg.rollout.engine == "vllm":
-        raise ConfigError("eval generates with HF generate for now; set rollout.engine=auto or hf")
-    return benchmarks.hf_generator(model, tokenizer, cfg.eval.max_new_tokens, cfg.eval.batch_size)
+def make_generator(cfg: EvalConfig, model, tokenizer, model_dir: Path | None = None):
+    """The one place generation is set up (greedy): vLLM where it is installed (rollout.engine auto or vllm)
+    and a model folder is given, else HF generate. Returns (generate, close)."""
+    from m1_align.rl.rollout import SamplingSettings, make_engine, vllm_available
+
+    loadable = model_dir is not None and (Path(model_dir) / "config.json").is_file()  # not a bare LoRA adapter
+    kind = cfg.rollout.engine if cfg.rollout.engine != "auto" else ("vllm" if loadable and vllm_available() else "hf")
+    if kind == "hf":
+        return benchmarks.hf_generator(model, tokenizer, cfg.eval.max_new_tokens, cfg.eval.batch_size), lambda: None
+    if model_dir is None:
+        raise ConfigError("rollout.engine=vllm needs a model folder to load")
+    threads = torch.get_num_threads()
+    engine = make_engine("vllm", model_dir=str(model_dir), tokenizer=tokenizer, dtype=str(next(model.parameters()).dtype).removeprefix("torch."),
+                         kv_cache_gib=cfg.rollout.kv_cache_gib, gpu_memory_utilization=cfg.rollout.gpu_memory_utilization,
+                         enforce_eager=cfg.rollout.enforce_eager, in_process=cfg.rollout.in_process, seed=cfg.seed,
+                         max_model_len=cfg.eval.max_length + cfg.eval.max_new_tokens)
+    torch.set_num_threads(threads)  # in-process vLLM on CPU drops torch to one thread; the scoring forwards want them all
+    greedy = SamplingSettings(n=1, temperature=0.0, max_new_tokens=cfg.eval.max_new_tokens, stop_token_ids=[tokenizer.eos_token_id])
+
+    def generate(prompts: list[benchmarks.Messages]) -> list[str]:
+        outputs = engine.generate([benchmarks.prompt_ids(tokenizer, p) for p in prompts], greedy)
+        return [o[0].text for o in outputs]
+
+    return generate, engine.close
 
 
 def _device() -> torch.device:
@@ -77,9 +96,16 @@ def _open_rows(cfg: EvalConfig) -> list[dict[str, Any]]:
     return benchmarks.take_balanced(rows, "task", cfg.eval.limit)
 
 
-def evaluate(cfg: EvalConfig, model, tokenizer) -> tuple[dict[str, Any], list[dict]]:
+def evaluate(cfg: EvalConfig, model, tokenizer, model_dir: Path | None = None) -> tuple[dict[str, Any], list[dict]]:
     """Every enabled benchmark on a loaded model: (flat metrics, per-question samples)."""
-    generate = make_generator(cfg, model, tokenizer)
+    generate, close = make_generator(cfg, model, tokenizer, model_dir)
+    try:
+        return _benchmarks(cfg, model, tokenizer, generate)
+    finally:
+        close()
+
+
+def _benchmarks(cfg: EvalConfig, model, tokenizer, generate) -> tuple[dict[str, Any], list[dict]]:
     metrics: dict[str, Any] = {}
     samples: list[dict] = []
     mmlu = _mmlu_rows(cfg)
@@ -139,7 +165,7 @@ def run(cfg: EvalConfig) -> StageResult:
     torch.manual_seed(cfg.seed)
     tokenizer = load_tokenizer(cfg.model, model_dir)
     model = load_model(cfg.model, model_dir=model_dir).to(_device())
-    metrics, samples = evaluate(cfg, model, tokenizer)
+    metrics, samples = evaluate(cfg, model, tokenizer, model_dir)
 
     atomic_write_json(output_dir / "eval.json", {"model": str(model_dir), **metrics})
     atomic_write_text(
