@@ -8,7 +8,7 @@ import os
 import sys
 from pathlib import Path
 
-from m1_align.config import ConfigError, dump_config, load_config
+from m1_align.config import ConfigError, dump_config, load_config, load_data_config
 
 # Subcommand -> (runner "module:function", one-line help). A runner of None is a stage that is
 # not built yet: the CLI says so and exits non-zero instead of pretending.
@@ -28,7 +28,7 @@ STAGES: dict[str, tuple[str | None, str]] = {
 
 # Raised for bad input (paths, data files, finished outputs, missing data packages), not for bugs.
 USER_ERRORS = {"OutputExistsError", "ModelPathError", "DataError", "MissingSourceError", "LeakError", "UserInputError",
-               "GGUFImportError"}
+               "GGUFImportError", "DivergedError"}
 
 
 def _add_config_args(parser: argparse.ArgumentParser) -> None:
@@ -130,7 +130,10 @@ def _run_stage(stage: str, args: argparse.Namespace) -> int:
 
 
 def _run_data(args: argparse.Namespace) -> int:
-    config = _load("data", args)
+    if args.config and "=" in args.config and not args.config.endswith((".yaml", ".yml")):
+        args.overrides.insert(0, args.config)
+        args.config = None
+    config = load_data_config(args.config, args.overrides)  # the data section of any stage or pipeline config
     if args.print_config:
         print(dump_config(config), end="")
         return 0

@@ -23,7 +23,8 @@ class ConfigError(ValueError):
 class Section(BaseModel):
     """Base for every schema: unknown keys are errors, assignments are validated."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # inf and nan are never a meaningful setting (learning_rate=inf would train to NaN and finish)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 _SAFE_PATH = re.compile(r"^[\w./~+@:=-]+$")
@@ -398,10 +399,14 @@ def deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
 def parse_overrides(overrides: list[str]) -> dict[str, Any]:
     """`train.lr=1e-5 model.path=/ckpt` -> nested dict; values are parsed as YAML scalars/lists."""
     nested: dict[str, Any] = {}
+    seen: set[str] = set()
     for item in overrides:
         key, sep, raw = item.partition("=")
         if not sep or not key or not re.fullmatch(r"[A-Za-z_][\w-]*(\.[A-Za-z_][\w-]*)*", key):
             raise ConfigError(f"command line: override {item!r} is not of the form dotted.key=value")
+        if key in seen:
+            raise ConfigError(f"command line: {key} is given twice; give it once")
+        seen.add(key)
         try:
             value = yaml.safe_load(raw) if raw else ""
         except yaml.YAMLError:
@@ -412,7 +417,8 @@ def parse_overrides(overrides: list[str]) -> dict[str, Any]:
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
                 raise ConfigError(f"command line: {key!r} sets a key inside a value that is not a mapping")
-        node[leaf] = value
+        # a mapping given after dotted keys of the same section merges with them instead of dropping them
+        node[leaf] = deep_merge(node[leaf], value) if isinstance(value, dict) and isinstance(node.get(leaf), dict) else value
     return nested
 
 
@@ -432,6 +438,9 @@ def _describe(err: dict[str, Any], schema: type[BaseModel], source: str) -> str:
     if err["type"] == "extra_forbidden":
         close = difflib.get_close_matches(key, _known_keys(schema), n=1, cutoff=0.6)
         hint = f"; did you mean '{close[0]}'?" if close else ""
+        owners = [name for name, other in SCHEMAS.items() if other is not schema and key in _known_keys(other)]
+        if not close and owners:
+            hint = f"; it is a key of {', '.join(owners)} (m1-align {owners[0]} ...), not of this command"
         return f"unknown key '{key}' in {source}{hint}"
     value = err.get("input")
     shown = repr(value) if not isinstance(value, dict) else "a mapping"
@@ -457,6 +466,17 @@ def load_config(stage: str, path: str | Path | None, overrides: list[str] = ()) 
         data = deep_merge(data, parse_overrides(list(overrides)))
         source = f"{source} + command line"
     return validate(schema, data, source)
+
+
+def load_data_config(path: str | Path | None, overrides: list[str] = ()) -> DataStageConfig:
+    """The `data` section of any config (a stage's, a pipeline's), for `m1-align data build|show`."""
+    data = _read_yaml(Path(path)) if path else {}
+    section = {"data": data["data"]} if isinstance(data.get("data"), dict) else {}
+    source = str(path) if path else "the defaults"
+    if overrides:
+        section = deep_merge(section, parse_overrides(list(overrides)))
+        source = f"{source} + command line"
+    return validate(DataStageConfig, section, source)
 
 
 def dump_config(config: BaseModel) -> str:

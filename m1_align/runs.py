@@ -39,6 +39,14 @@ class StageResult:
         return cls(**json.loads(path.read_text())) if path.is_file() else None
 
 
+class DivergedError(RuntimeError):
+    """A non-finite loss or gradient: the run stops, the last good checkpoint stays (one line)."""
+
+    def __init__(self, stage: str, step: int, what: str, value: float, output_dir):
+        super().__init__(f"{stage} diverged at step {step}: {what} is {value}; nothing after the last checkpoint in "
+                         f"{output_dir} was kept. Lower train.learning_rate (or check the data), then run again to resume")
+
+
 class OutputExistsError(RuntimeError):
     pass
 
@@ -96,6 +104,7 @@ class MetricsLogger:
 
     def __init__(self, output_dir: str | Path, report_to: list[str] = (), run_name: str | None = None):
         self.path = Path(output_dir) / "metrics.jsonl"
+        self.run_name = run_name
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.start = time.time()
         self._tb = None

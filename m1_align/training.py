@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import shutil
 import time
 from pathlib import Path
@@ -19,7 +20,7 @@ from transformers import (
 )
 
 from m1_align.config import LoraConfig, ModelConfig, StageConfig, dump_config
-from m1_align.runs import MetricsLogger, StageResult, atomic_replace_dir, atomic_write_text
+from m1_align.runs import DivergedError, MetricsLogger, StageResult, atomic_replace_dir, atomic_write_text
 
 CHECKPOINTS = "checkpoints"
 FINAL_MODEL = "model"
@@ -131,6 +132,7 @@ def training_arguments(cfg: StageConfig, output_dir: Path) -> dict[str, Any]:
         gradient_checkpointing=cfg.model.gradient_checkpointing,
         gradient_checkpointing_kwargs={"use_reentrant": False} if cfg.model.gradient_checkpointing else None,
         dataloader_num_workers=0,
+        logging_nan_inf_filter=False,  # a NaN loss is logged and stops the run (MetricsCallback), never averaged away
         remove_unused_columns=False,
     )
 
@@ -171,7 +173,14 @@ class MetricsCallback(TrainerCallback):
         self._last = (time.time(), 0)
 
     def on_log(self, args, state, control, logs=None, **kwargs):
-        if not state.is_world_process_zero or not logs:
+        if not logs:
+            return
+        for key in ("loss", "grad_norm"):  # logged before the step's checkpoint, so no NaN model is saved
+            if key in logs and not math.isfinite(float(logs[key])):
+                if state.is_world_process_zero:
+                    self.logger.log(state.global_step, **{key: float(logs[key])})
+                raise DivergedError(self.logger.run_name or "training", state.global_step, key, logs[key], self.logger.path.parent)
+        if not state.is_world_process_zero:
             return
         record = {k: v for k, v in logs.items() if isinstance(v, int | float)}
         if "num_tokens" in record:

@@ -1,5 +1,7 @@
 """Config loading: merging, overrides, inheritance and every error message a user can hit."""
 
+import math
+
 import pytest
 import yaml
 
@@ -103,3 +105,45 @@ def test_print_config_round_trips(stage, tmp_path):
     dumped = write(tmp_path, "dump.yaml", dump_config(cfg))
     assert load_config(stage, dumped) == cfg
     assert yaml.safe_load(dumped.read_text()) == cfg.model_dump(mode="json")
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["train.learning_rate=inf"], "finite number"),
+        (["ppo.kl_coef=nan"], "finite number"),
+        (["train.max_steps=3", "train.max_steps=4"], "given twice"),
+        (["tdpo.beta=0.2"], "it is a key of tdpo"),
+    ],
+)
+def test_overrides_that_would_change_meaning_silently_are_refused(overrides, message):
+    stage = "ppo" if overrides[0].startswith("ppo") else "sft"
+    with pytest.raises(ConfigError, match=message):
+        load_config(stage, None, overrides)
+
+
+def test_a_mapping_override_merges_with_dotted_ones():
+    cfg = load_config("sft", None, ["train.learning_rate=0.5", "train={max_steps: 3}"])
+    assert cfg.train.learning_rate == 0.5 and cfg.train.max_steps == 3
+
+
+def test_data_commands_take_the_data_section_of_any_config():
+    from m1_align.config import load_data_config
+
+    cfg = load_data_config("configs/smollm2.yaml", ["data.eval_per_task=50"])
+    assert cfg.data.max_per_task == 1500 and cfg.data.eval_per_task == 50
+
+
+def test_a_non_finite_loss_stops_the_run_in_one_line(tmp_path):
+    from types import SimpleNamespace
+
+    from m1_align.runs import DivergedError, MetricsLogger, read_metrics
+    from m1_align.training import MetricsCallback
+
+    callback = MetricsCallback(MetricsLogger(tmp_path, run_name="sft"))
+    state = SimpleNamespace(global_step=7, is_world_process_zero=True)
+    callback.on_log(None, state, None, logs={"loss": 1.5, "grad_norm": 0.3})
+    with pytest.raises(DivergedError, match="sft diverged at step 7: loss is nan") as err:
+        callback.on_log(None, state, None, logs={"loss": float("nan")})
+    assert "\n" not in str(err.value)
+    assert math.isnan(read_metrics(tmp_path)[-1]["loss"])  # the NaN is in metrics.jsonl, not filtered away

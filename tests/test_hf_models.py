@@ -62,11 +62,14 @@ def test_every_stage_runs_on_a_chatml_llama(data_cache, tiny_llama_dir, tmp_path
                                                                                  "elo.drop_degenerate": False, "elo.kl_coef": 0.1}))
     grpo = run_grpo(config("grpo", data_cache, tmp_path / "grpo", tmp_path / "elo", **ONLINE, **{
         "ppo.prompts_per_step": 2, "ppo.samples_per_prompt": 2, "ppo.minibatch_size": 4, "reward.model": str(tmp_path / "rm"),
-        "reward.mode": "mix", "ppo.tis_cap": 2.0}))
+        "reward.mode": "mix", "ppo.tis_cap": 2.0, "ppo.dynamic_sampling": True, "ppo.max_sampling_rounds": 2,
+        "ppo.clip_range_high": 0.28, "ppo.overlong_buffer": 8, "rollout.temperature": 0.7}))
     for result in (elo, grpo):
         steps = [json.loads(line) for line in (tmp_path / result.stage / "metrics.jsonl").read_text().splitlines()]
         # the engine samples the Llama's weights after every update
         assert all(r["sync/logprob_diff"] < 2e-3 for r in steps if "sync/logprob_diff" in r)
+    grpo_steps = [json.loads(line) for line in (tmp_path / "grpo" / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["ratio/first_minibatch_max_dev"] < 1e-3 for r in grpo_steps if "policy_loss" in r)
     run_eval(validate(SCHEMAS["eval"], {"model": {"path": str(tmp_path / "grpo")}, "output_dir": str(tmp_path / "eval"),
                                         "data": stage_overrides(data_cache, tmp_path, None)["data"],
                                         "eval": {"limit": 2, "mmlu_limit": 6, "mmlu_generation_limit": 2, "max_new_tokens": 8}},

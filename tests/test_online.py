@@ -128,6 +128,8 @@ def test_ppo_learns_a_toy_verifiable_reward(engine, data_cache, sft_model_dir, o
     # the KL is logged and finite, and the adaptive controller is left off here
     assert all(math.isfinite(r["kl"]) for r in steps)
     assert all(r["sync/logprob_diff"] < 0.01 for r in steps)
+    # every step's ratio starts at 1: the old log-probs are the policy's own, at the sampling temperature
+    assert all(r["ratio/first_minibatch_max_dev"] < 1e-3 for r in steps)
     for key in ("clip_fraction", "approx_kl", "value_loss", "entropy", "explained_variance", "eos_rate", "time/generate", "time/sync"):
         assert key in steps[-1]
 

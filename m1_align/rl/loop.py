@@ -34,6 +34,7 @@ from m1_align.evaluation.benchmarks import prompt_ids, verifiable_sets
 from m1_align.rl.common import CHECKPOINT_DIR, load_checkpoint, load_optimizers, save_checkpoint
 from m1_align.rl.rollout import SamplingSettings, make_engine, vllm_available
 from m1_align.runs import (
+    DivergedError,
     MetricsLogger,
     StageResult,
     atomic_replace_dir,
@@ -184,6 +185,8 @@ class OnlineLoop:
         """Backward each model's loss, then clip and step its optimiser; returns the policy's grad norm.
         The models share no parameters, so separate backwards equal one backward of the summed loss."""
         for name, loss in losses.items():
+            if not torch.isfinite(loss.detach()).item():  # before backward: the weights stay those of the last good step
+                raise DivergedError(self.stage, self.current_step + 1, f"the {name} loss", loss.item(), self.output_dir)
             part = self.trainables[name]
             if part.engine is not None:
                 part.engine.backward(loss)
@@ -197,6 +200,8 @@ class OnlineLoop:
                 norms.append(float(part.engine.get_global_grad_norm() or 0.0))
             else:
                 norms.append(float(self.accelerator.clip_grad_norm_(part.model.parameters(), self.cfg.train.max_grad_norm)))
+                if not math.isfinite(norms[-1]):
+                    raise DivergedError(self.stage, self.current_step + 1, f"the {name} gradient norm", norms[-1], self.output_dir)
                 part.optimizer.step()
                 part.optimizer.zero_grad(set_to_none=True)
             part.scheduler.step()

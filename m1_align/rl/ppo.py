@@ -284,6 +284,11 @@ class PPOLoop(OnlineLoop):
                     losses["critic"] = p.vf_coef * value_loss(values, old_values[batch], returns[batch], m, p.value_clip_range)
                     s["value_loss"] = losses["critic"].detach() / max(p.vf_coef, 1e-12)
                 # actor and critic share no weights: one backward each
+                if "ratio/first_minibatch_max_dev" not in stats:
+                    # before any update the ratio is exactly 1: a deviation means old log-probs from another
+                    # distribution (other weights, temperature or dropout), which PPO's clip would act on silently
+                    dev = ((logp.detach() - old_logp[batch]).exp() - 1).abs() * response_mask[batch]
+                    stats["ratio/first_minibatch_max_dev"] = [dev.max().item()]
                 self.optimizer_step(losses)
                 for key, value in (("policy_loss", pg_loss), ("entropy", entropy_mean), *s.items()):
                     stats.setdefault(key, []).append(value.item())
