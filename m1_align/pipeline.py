@@ -74,6 +74,11 @@ def run(cfg: PipelineConfig, only: str | None = None, start: str | None = None) 
     configs = stage_configs(cfg)
     names, forced = select(list(configs), only, start)
     timings: dict[str, float] = {}
+    reported = [n for n in ORDER if n in configs]
+    if "pretrain" not in configs:  # a pretrained starting model: evaluate it as the "base" column
+        first = next(iter(configs))
+        _evaluate_base(cfg, configs[first], forced=first in forced)
+        reported.insert(0, "base")
     for i, name in enumerate(names, 1):
         stage = configs[name]
         done = StageResult.load(stage.output_dir)
@@ -91,11 +96,24 @@ def run(cfg: PipelineConfig, only: str | None = None, start: str | None = None) 
 
     from m1_align.evaluation.report import write_run_report
 
-    report = write_run_report(run_dir, [n for n in ORDER if n in configs])
+    report = write_run_report(run_dir, reported)
     metrics = {"report": str(report), **{f"seconds/{k}": v for k, v in timings.items()}}
     result = StageResult("pipeline", str(run_dir), metrics, time.time() - begin)
     print(f"report: {report}")
     return result
+
+
+def _evaluate_base(cfg: PipelineConfig, first: StageConfig, forced: bool) -> None:
+    """The starting model under the same evaluation as every stage, once (run_dir/base/eval)."""
+    out = Path(cfg.run_dir) / "base" / "eval"
+    if (out / "eval.json").is_file() and not forced:
+        print(f"base: evaluated earlier ({out}), skipped")
+        return
+    from m1_align.evaluation.run import run as run_eval
+
+    print(f"base: evaluating the starting model {first.model.path} -> {out}")
+    run_eval(cfg.eval.model_copy(update={"model": cfg.eval.model.model_copy(update={"path": first.model.path}),
+                                         "data": first.data, "output_dir": str(out), "overwrite": True}))
 
 
 def _evaluate(cfg: PipelineConfig, name: str, stage: StageConfig) -> None:

@@ -98,3 +98,31 @@ def test_every_shipped_config_validates():
         stage = "pipeline" if "pipeline" in path.name or "quickstart" in path.name else schema_of.get(path.stem)
         assert stage, f"no schema for {path}"
         load_config(stage, path)
+
+
+@pytest.mark.slow
+def test_pipeline_from_a_pretrained_model_evaluates_it_as_base_and_runs_grpo_beside_ppo(tmp_path, data_cache, tiny_llama_dir):
+    """The real-model recipe's shape (configs/smollm2.yaml): no pretrain, LoRA, ppo and grpo both from tdpo."""
+    from m1_align import pipeline
+
+    run_dir = tmp_path / "run"
+    steps = {"sft": 2, "elo": 1, "tdpo": 1, "rm": 1, "ppo": 1, "grpo": 1}
+    overrides = [
+        f"run_dir={run_dir}", f"data.cache_dir={data_cache}", *(f"data.{k}={v}" for k, v in SMALL_DATA.items()),
+        f"stages.sft.model.path={tiny_llama_dir}",
+        "eval.eval.limit=2", "eval.eval.mmlu_limit=2", "eval.eval.mmlu_generation_limit=1", "eval.eval.max_new_tokens=8",
+        *(f"stages.{s}.train.max_steps={n}" for s, n in steps.items()),
+        *(f"stages.{s}.train.eval_limit=1" for s in steps if s != "rm"),
+        *(f"stages.{s}.rollout.max_new_tokens=16" for s in ("elo", "ppo", "grpo")),
+        "stages.elo.elo.drop_degenerate=false",
+    ]
+    cfg = load_config("pipeline", "configs/smollm2.yaml", overrides)
+    configs = pipeline.stage_configs(cfg)
+    assert configs["ppo"].model.path == configs["grpo"].model.path == str(run_dir / "tdpo")
+    assert configs["grpo"].reward.model == str(run_dir / "rm")
+    pipeline.run(cfg)
+    assert (run_dir / "base" / "eval" / "eval.json").is_file()
+    for stage in steps:
+        assert (run_dir / stage / "result.json").is_file()
+    report = (run_dir / "report.md").read_text()
+    assert "| base |" in report or "base" in report.split("## Plots")[0]

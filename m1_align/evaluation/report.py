@@ -19,7 +19,7 @@ from m1_align.config import DataConfig
 from m1_align.data.build import build_dir_name, read_manifest
 from m1_align.runs import atomic_write_text, read_metrics
 
-STAGE_ORDER = ("pretrain", "sft", "elo", "tdpo", "rm", "ppo", "grpo")
+STAGE_ORDER = ("base", "pretrain", "sft", "elo", "tdpo", "rm", "ppo", "grpo")  # base: a pretrained starting model
 # Curve plots: file stem -> metric-key patterns, in order of preference for "loss" (the per-step
 # "loss" when logged, else the final "train_loss"); every match for the others.
 CURVES = {"loss": ("loss", "train_loss"), "reward": ("reward/mean",), "kl": ("kl", "seqkl/*")}

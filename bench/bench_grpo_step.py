@@ -1,0 +1,122 @@
+"""A GRPO step against a PPO step on the same prompts and token budget, and against TRL's GRPOTrainer.
+
+    .venv/bin/python bench/bench_grpo_step.py --model runs/quickstart/tdpo --steps 4
+
+Each trainer runs in its own subprocess, one after the other, on the same model, the same built
+verifiable prompts (rule rewards), the same number of samples per prompt and new tokens, one optimiser
+pass per batch, HF generate for all three (TRL's vLLM mode needs a server or CUDA colocation; ours is
+measured with vLLM in bench_ppo_step.py). Ours read their per-step time split from metrics.jsonl; TRL's
+step time comes from its trainer state. Peak memory is each process's maximum resident set size. The
+first step is dropped (warm-up). Prints JSON and a table.
+"""
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+PARTS = ("time/generate", "time/score", "time/train", "time/sync")
+PEAK = "import resource, runpy, sys; sys.argv = sys.argv[1:]; {body}; " \
+       "print('PEAK_RSS_KB', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, file=sys.stderr)"
+
+
+def ours(command: str, estimator: str, args, out: Path) -> tuple[list[dict], float]:
+    overrides = [
+        f"output_dir={out}", f"model.path={args.model}", "rollout.engine=hf", f"train.max_steps={args.steps}",
+        "train.eval_limit=1", "reward.mode=rule", f"ppo.prompts_per_step={args.prompts}",
+        f"ppo.samples_per_prompt={args.samples}", f"ppo.minibatch_size={args.prompts * args.samples}", "ppo.ppo_epochs=1",
+        f"ppo.advantage_estimator={estimator}", f"rollout.max_new_tokens={args.new_tokens}", "train.save_steps=1000",
+        f"data.cache_dir={args.data_cache}", "ppo.missing_eos_penalty=0",
+    ]
+    body = "from m1_align.cli import main; main()"
+    done = subprocess.run([sys.executable, "-c", PEAK.format(body=body), "m1-align", command, *overrides],
+                          env={**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}, capture_output=True, text=True)
+    if done.returncode:
+        raise SystemExit(done.stderr[-3000:])
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in rows if "time/generate" in r][1:], peak_gib(done.stderr)
+
+
+TRL_SCRIPT = r'''
+import json, sys, time
+from datasets import Dataset
+from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+from trl import GRPOConfig, GRPOTrainer
+from m1_align.config import DataConfig
+from m1_align.data.build import build_from_config, read_split_rows
+from m1_align.reward_models.rules import score
+model_dir, out, steps, prompts, samples, new_tokens, cache = sys.argv[1:8]
+rows = read_split_rows(build_from_config(DataConfig(cache_dir=cache, max_per_task=1500, eval_per_task=100)), "rl")
+data = Dataset.from_list([{"prompt": r["prompt"], "answer": r["answer"], "rule": r["rule"]} for r in rows[:512]])
+def rule_reward(completions, answer, rule, **kw):
+    return [score(ru, c[-1]["content"], a).score for c, a, ru in zip(completions, answer, rule)]
+times = []
+class Timer(TrainerCallback):
+    def on_step_begin(self, *a, **k): self.t = time.time()
+    def on_step_end(self, *a, **k): times.append(time.time() - self.t)
+tok = AutoTokenizer.from_pretrained(model_dir)
+cfg = GRPOConfig(output_dir=out, per_device_train_batch_size=int(prompts) * int(samples), num_generations=int(samples),
+                 max_completion_length=int(new_tokens), max_steps=int(steps), learning_rate=5e-5, beta=0.0,
+                 use_cpu=True, report_to="none", save_strategy="no", logging_steps=1, use_vllm=False,
+                 steps_per_generation=1, num_iterations=1)
+trainer = GRPOTrainer(model=AutoModelForCausalLM.from_pretrained(model_dir), reward_funcs=rule_reward, args=cfg,
+                      train_dataset=data, processing_class=tok, callbacks=[Timer()])
+trainer.train()
+print("STEP_TIMES", json.dumps(times[1:]))
+'''
+
+
+def trl(args, out: Path) -> tuple[list[float], float]:
+    model_dir = Path(args.model) / "model" if (Path(args.model) / "model" / "config.json").is_file() else Path(args.model)
+    body = f"exec(compile({TRL_SCRIPT!r}, 'trl_grpo', 'exec'))"
+    done = subprocess.run([sys.executable, "-c", PEAK.format(body=body), "trl", str(model_dir), str(out), str(args.steps),
+                           str(args.prompts), str(args.samples), str(args.new_tokens), args.data_cache],
+                          capture_output=True, text=True)
+    if done.returncode:
+        return [], float("nan")  # said so in the table
+    line = next(line for line in done.stdout.splitlines() if line.startswith("STEP_TIMES"))
+    return json.loads(line.split(" ", 1)[1]), peak_gib(done.stderr)
+
+
+def peak_gib(stderr: str) -> float:
+    line = next(line for line in stderr.splitlines() if line.startswith("PEAK_RSS_KB"))
+    return int(line.split()[1]) / 2**20
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model", required=True, help="a policy folder or finished stage output")
+    parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--prompts", type=int, default=8)
+    parser.add_argument("--samples", type=int, default=4)
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--data-cache", default="data_cache")
+    args = parser.parse_args()
+
+    results = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, command, estimator in (("ppo (gae + critic)", "ppo", "gae"), ("grpo", "grpo", "grpo")):
+            steps, peak = ours(command, estimator, args, Path(tmp) / command)
+            mean = {part: sum(s[part] for s in steps) / len(steps) for part in PARTS}
+            results[name] = {**mean, "step": sum(mean.values()), "peak_rss_gib": peak, "steps_timed": len(steps)}
+        times, peak = trl(args, Path(tmp) / "trl")
+        results["trl GRPOTrainer"] = {"step": sum(times) / len(times) if times else float("nan"), "peak_rss_gib": peak,
+                                      "steps_timed": len(times)}
+    results["load_average"] = os.getloadavg()
+    print(json.dumps(results, indent=2))
+    print("\n| trainer | step s | generate s | score s | train s | sync s | peak RSS GiB |")
+    print("|---|---|---|---|---|---|---|")
+    for name, r in results.items():
+        if name == "load_average":
+            continue
+        parts = " | ".join(f"{r[p]:.2f}" if p in r else "-" for p in PARTS)
+        print(f"| {name} | {r['step']:.2f} | {parts} | {r['peak_rss_gib']:.2f} |")
+    grpo, ppo, peer = results["grpo"]["step"], results["ppo (gae + critic)"]["step"], results["trl GRPOTrainer"]["step"]
+    print(f"\ngrpo / ppo step: {grpo / ppo:.2f}x;  grpo / TRL GRPOTrainer step: {grpo / peer:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
