@@ -135,19 +135,41 @@ def test_ppo_learns_a_toy_verifiable_reward(engine, data_cache, sft_model_dir, o
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("stage", ["elo", "ppo"])
+def test_grpo_learns_a_toy_verifiable_reward_without_a_critic(data_cache, sft_model_dir, one_answer_prompts, tmp_path):
+    from m1_align.rl.ppo import GRPOLoop
+
+    cfg = ppo_config(data_cache, tmp_path / "grpo", sft_model_dir, **{
+        "rollout.engine": "vllm", "data.train_file": str(one_answer_prompts), "data.answer_eval_file": str(one_answer_prompts),
+        "ppo.advantage_estimator": "grpo", "ppo.kl_coef": 0.0, "ppo.kl_loss_coef": 0.01, "ppo.ppo_epochs": 1,
+        "ppo.minibatch_size": 32, "ppo.clip_range_high": 0.28, "ppo.dynamic_sampling": True, "ppo.max_sampling_rounds": 2})
+    loop = GRPOLoop(cfg, needs_reference=True)
+    loop.run()
+    assert "critic" not in loop.trainables  # no value model is loaded or trained
+    steps = [r for r in metrics(tmp_path / "grpo") if "reward/mean" in r]
+    first, last = steps[:4], steps[len(steps) // 2 :]
+    mean = lambda rows, key: sum(r[key] for r in rows) / len(rows)  # noqa: E731
+    assert mean(last, "reward/rule:exact_term") > mean(first, "reward/rule:exact_term") + 0.2
+    assert all(r["sync/logprob_diff"] < 0.01 and r["ratio/first_minibatch_max_dev"] < 1e-3 for r in steps)
+    assert all("dynamic/dropped_groups" in r and "engine_mismatch/mean" in r and "kl_loss" in r for r in steps)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", ["elo", "ppo", "grpo"])
 def test_online_resume_continues_the_same_run(stage, data_cache, sft_model_dir, one_answer_prompts, task_files, tmp_path,
                                                monkeypatch):
     import importlib
 
-    module = importlib.import_module(f"m1_align.rl.{stage}")
-    loop = module.ELOLoop if stage == "elo" else module.PPOLoop
+    module = importlib.import_module(f"m1_align.rl.{'elo' if stage == 'elo' else 'ppo'}")
+    loop = getattr(module, {"elo": "ELOLoop", "ppo": "PPOLoop", "grpo": "GRPOLoop"}[stage])
+    run = module.run_grpo if stage == "grpo" else module.run
     make = elo_config if stage == "elo" else ppo_config
     extra = {"rollout.engine": "hf", "train.max_steps": 4, "train.save_steps": 2}
     extra.update({"data.train_file": str(task_files[1]), "data.answer_eval_file": str(task_files[2])})
-    if stage == "ppo":
+    if stage in ("ppo", "grpo"):
         extra.update({"data.train_file": str(one_answer_prompts), "data.answer_eval_file": str(one_answer_prompts)})
-    module.run(make(data_cache, tmp_path / "straight", sft_model_dir, **extra))
+    if stage == "grpo":
+        extra.update({"ppo.advantage_estimator": "grpo", "ppo.kl_coef": 0.0, "ppo.kl_loss_coef": 0.01})
+    run(make(data_cache, tmp_path / "straight", sft_model_dir, **extra))
 
     original = loop.step
 
@@ -159,8 +181,8 @@ def test_online_resume_continues_the_same_run(stage, data_cache, sft_model_dir, 
     with monkeypatch.context() as patch:
         patch.setattr(loop, "step", crash_at_step_3)
         with pytest.raises(KeyboardInterrupt):
-            module.run(make(data_cache, tmp_path / "resumed", sft_model_dir, **extra))
-    module.run(make(data_cache, tmp_path / "resumed", sft_model_dir, **extra))
+            run(make(data_cache, tmp_path / "resumed", sft_model_dir, **extra))
+    run(make(data_cache, tmp_path / "resumed", sft_model_dir, **extra))
 
     def trained(path):
         return {r["step"]: r for r in metrics(path) if "time/sample" in r or "time/generate" in r}

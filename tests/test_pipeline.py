@@ -124,5 +124,5 @@ def test_pipeline_from_a_pretrained_model_evaluates_it_as_base_and_runs_grpo_bes
     assert (run_dir / "base" / "eval" / "eval.json").is_file()
     for stage in steps:
         assert (run_dir / stage / "result.json").is_file()
-    report = (run_dir / "report.md").read_text()
-    assert "| base |" in report or "base" in report.split("## Plots")[0]
+    header = next(line for line in (run_dir / "report.md").read_text().splitlines() if line.startswith("| metric |"))
+    assert header.startswith("| metric | base | sft | elo | tdpo | rm | ppo | grpo |")

@@ -28,14 +28,6 @@ def logprobs_from_logits(logits: torch.Tensor, labels: torch.Tensor, temperature
     return torch.stack(rows)
 
 
-def token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, temperature: float = 1.0,
-                   position_ids: torch.Tensor | None = None) -> torch.Tensor:
-    """log p_T(x_{t+1} | x_<=t) for every position, p_T = softmax(logits / T): [B, T-1], float32."""
-    extra = {"position_ids": position_ids} if position_ids is not None else {}
-    logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **extra).logits[:, :-1]
-    return logprobs_from_logits(logits, input_ids[:, 1:], temperature)
-
-
 def right_pad(rows: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
     width = max(len(r) for r in rows)
     ids = torch.full((len(rows), width), pad_id, dtype=torch.long)

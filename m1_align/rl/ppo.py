@@ -23,6 +23,7 @@ from __future__ import annotations
 import math
 import random
 import time
+from dataclasses import dataclass
 
 import torch
 from accelerate.utils import gather_object
@@ -49,6 +50,7 @@ from m1_align.rl.algorithms import (
 )
 from m1_align.rl.common import TokenValues, logprobs_from_logits
 from m1_align.rl.loop import OnlineLoop
+from m1_align.rl.rollout import Completion
 from m1_align.training import load_model, resolve_model_dir
 
 
@@ -99,6 +101,17 @@ def response_values(critic, ids, mask, start: int) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------
 # The stage
 # ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Sample:
+    """One sampled response and its score (rule, reward model, penalties)."""
+
+    row: dict
+    prompt: list[int]
+    completion: Completion
+    score: float
+    source: str
 
 
 class PPOLoop(OnlineLoop):
@@ -155,20 +168,20 @@ class PPOLoop(OnlineLoop):
         self.kl_ctl.coef = state["kl_coef"]
 
     # -- sampling and scoring ----------------------------------------------------------------------
-    def sample_and_score(self, rows: list[dict]) -> list[tuple]:
-        """n responses per prompt with their scores: [(row, prompt ids, completion, score, source)]."""
+    def sample_and_score(self, rows: list[dict]) -> list[Sample]:
+        """n responses per prompt with their scores, prompt by prompt."""
         tok, p = self.tokenizer, self.cfg.ppo
         prompts = [prompt_ids(tok, r["prompt"]) for r in rows]
-        samples = self.engine.generate(prompts, self.sampling(n=p.samples_per_prompt))
-        flat = [(row, prompt, c) for row, prompt, cs in zip(rows, prompts, samples, strict=True) for c in cs]
+        completions = self.engine.generate(prompts, self.sampling(n=p.samples_per_prompt))
+        flat = [(row, prompt, c) for row, prompt, cs in zip(rows, prompts, completions, strict=True) for c in cs]
         rewards = self.router([row for row, _, _ in flat], [c.text for _, _, c in flat], [len(c.token_ids) for _, _, c in flat])
         lengths = torch.tensor([len(c.token_ids) for _, _, c in flat])
         no_eos = torch.tensor([c.finish_reason != "stop" for _, _, c in flat], dtype=torch.float)
         scores = torch.tensor([r.value for r in rewards]) - p.missing_eos_penalty * no_eos
         scores = scores + overlong_penalty(lengths, self.cfg.rollout.max_new_tokens, p.overlong_buffer, p.overlong_penalty)
-        return [(row, prompt, c, score, r.source) for (row, prompt, c), score, r in zip(flat, scores.tolist(), rewards, strict=True)]
+        return [Sample(row, prompt, c, score, r.source) for (row, prompt, c), score, r in zip(flat, scores.tolist(), rewards, strict=True)]
 
-    def rollout(self, step: int) -> tuple[list[tuple], dict[str, float]]:
+    def rollout(self, step: int) -> tuple[list[Sample], dict[str, float]]:
         """This rank's samples for the step. With dynamic sampling, prompts whose samples all scored the same
         (no advantage, no gradient) are dropped and more prompts are drawn, up to ppo.max_sampling_rounds."""
         p, n = self.cfg.ppo, self.cfg.ppo.samples_per_prompt
@@ -179,7 +192,7 @@ class PPOLoop(OnlineLoop):
         kept, dropped, rounds = [], 0, 0
         while True:
             rounds += 1
-            no_signal = equal_reward_groups(torch.tensor([s[3] for s in samples]), torch.arange(len(samples)) // n)
+            no_signal = equal_reward_groups(torch.tensor([s.score for s in samples]), torch.arange(len(samples)) // n)
             for start in range(0, len(samples), n):
                 if no_signal[start]:
                     dropped += 1
@@ -199,16 +212,16 @@ class PPOLoop(OnlineLoop):
                    "dynamic/kept_fraction": size / (len(rows) * n)}
         return kept[:size], metrics
 
-    def batch(self, samples: list[tuple]):
+    def batch(self, samples: list[Sample]):
         """ids [N, P+R] (prompts left-padded, responses right-padded), mask, response start column, and the
         engine's log-probs [N, R]."""
         tok = self.tokenizer
-        width_p = max(len(prompt) for _, prompt, *_ in samples)
-        width_r = max(max(len(c.token_ids) for _, _, c, *_ in samples), 1)
+        width_p = max(len(s.prompt) for s in samples)
+        width_r = max(max(len(s.completion.token_ids) for s in samples), 1)
         ids = torch.full((len(samples), width_p + width_r), tok.pad_token_id, dtype=torch.long)
         mask = torch.zeros_like(ids)
         engine_logp = torch.zeros((len(samples), width_r))
-        for i, (_, prompt, c, *_) in enumerate(samples):
+        for i, (prompt, c) in enumerate((s.prompt, s.completion) for s in samples):
             ids[i, width_p - len(prompt) : width_p] = torch.tensor(prompt)
             ids[i, width_p : width_p + len(c.token_ids)] = torch.tensor(c.token_ids, dtype=torch.long)
             mask[i, width_p - len(prompt) : width_p + len(c.token_ids)] = 1
@@ -239,9 +252,9 @@ class PPOLoop(OnlineLoop):
             return {**metrics, "skipped": 1.0}
         ids, mask, start, engine_logp = self.batch(samples)
         response_mask = mask[:, start:].float()
-        scores = torch.tensor([s[3] for s in samples], device=self.device)
+        scores = torch.tensor([s.score for s in samples], device=self.device)
         groups = torch.arange(len(samples), device=self.device) // p.samples_per_prompt
-        truncated = torch.tensor([c.finish_reason != "stop" for _, _, c, *_ in samples], device=self.device)
+        truncated = torch.tensor([s.completion.finish_reason != "stop" for s in samples], device=self.device)
         t1 = time.time()
 
         with torch.no_grad():
@@ -281,8 +294,8 @@ class PPOLoop(OnlineLoop):
                     s["kl_loss"] = kl_loss.detach()
                 if critic is not None:
                     values = response_values(critic, ids[batch], mask[batch], start)
-                    losses["critic"] = p.vf_coef * value_loss(values, old_values[batch], returns[batch], m, p.value_clip_range)
-                    s["value_loss"] = losses["critic"].detach() / max(p.vf_coef, 1e-12)
+                    s["value_loss"] = value_loss(values, old_values[batch], returns[batch], m, p.value_clip_range)
+                    losses["critic"] = p.vf_coef * s["value_loss"]
                 # actor and critic share no weights: one backward each
                 if "ratio/first_minibatch_max_dev" not in stats:
                     # before any update the ratio is exactly 1: a deviation means old log-probs from another
@@ -307,8 +320,8 @@ class PPOLoop(OnlineLoop):
         self.kl_ctl.update(mean_kl, n * self.world_size)
         metrics.update({k: sum(v) / len(v) for k, v in stats.items() if v})
         by_source: dict[str, list[float]] = {}
-        for *_, score, source in samples:
-            by_source.setdefault(source, []).append(score)
+        for s in samples:
+            by_source.setdefault(s.source, []).append(s.score)
         metrics.update({f"reward/{k}": sum(v) / len(v) for k, v in by_source.items()})
         if returns is not None:
             var_returns = torch.var(returns[response_mask.bool()])
