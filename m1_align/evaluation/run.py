@@ -56,7 +56,7 @@ def default_output_dir(model_dir: Path, stage_dir: Path | None) -> Path:
 def make_generator(cfg: EvalConfig, model, tokenizer, model_dir: Path | None = None):
     """The one place generation is set up (greedy): vLLM where it is installed (rollout.engine auto or vllm)
     and a model folder is given, else HF generate. Returns (generate, close)."""
-    from m1_align.rl.rollout import SamplingSettings, make_engine, vllm_available
+    from m1_align.rl.rollout import SamplingSettings, engine_max_len, make_engine, vllm_available
 
     loadable = model_dir is not None and (Path(model_dir) / "config.json").is_file()  # not a bare LoRA adapter
     kind = cfg.rollout.engine if cfg.rollout.engine != "auto" else ("vllm" if loadable and vllm_available() else "hf")
@@ -68,7 +68,7 @@ def make_generator(cfg: EvalConfig, model, tokenizer, model_dir: Path | None = N
     engine = make_engine("vllm", model_dir=str(model_dir), tokenizer=tokenizer, dtype=str(next(model.parameters()).dtype).removeprefix("torch."),
                          kv_cache_gib=cfg.rollout.kv_cache_gib, gpu_memory_utilization=cfg.rollout.gpu_memory_utilization,
                          enforce_eager=cfg.rollout.enforce_eager, in_process=cfg.rollout.in_process, seed=cfg.seed,
-                         max_model_len=cfg.eval.max_length + cfg.eval.max_new_tokens)
+                         max_model_len=engine_max_len(model.config, cfg.eval.max_length + cfg.eval.max_new_tokens))
     torch.set_num_threads(threads)  # in-process vLLM on CPU drops torch to one thread; the scoring forwards want them all
     greedy = SamplingSettings(n=1, temperature=0.0, max_new_tokens=cfg.eval.max_new_tokens, stop_token_ids=[tokenizer.eos_token_id])
 

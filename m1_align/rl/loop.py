@@ -32,7 +32,7 @@ from transformers import get_scheduler
 from m1_align.config import ConfigError, StageConfig
 from m1_align.evaluation.benchmarks import prompt_ids, verifiable_sets
 from m1_align.rl.common import CHECKPOINT_DIR, load_checkpoint, load_optimizers, save_checkpoint
-from m1_align.rl.rollout import SamplingSettings, make_engine, vllm_available
+from m1_align.rl.rollout import SamplingSettings, engine_max_len, make_engine, vllm_available
 from m1_align.runs import (
     DivergedError,
     MetricsLogger,
@@ -298,7 +298,7 @@ class OnlineLoop:
             dtype=str(resolve_dtype(self.cfg.model.dtype)).removeprefix("torch."),
             kv_cache_gib=r.kv_cache_gib, gpu_memory_utilization=r.gpu_memory_utilization,
             tensor_parallel_size=r.tensor_parallel_size, enforce_eager=r.enforce_eager, in_process=r.in_process,
-            seed=self.cfg.seed + self.accelerator.process_index, max_model_len=self.cfg.train.max_length + r.max_new_tokens,
+            seed=self.cfg.seed + self.accelerator.process_index, max_model_len=engine_max_len(policy.config, self.cfg.train.max_length + r.max_new_tokens),
             **colocated,
         )
         torch.set_num_threads(threads)  # in-process vLLM on CPU drops torch to one thread; the trainer wants them all

@@ -452,6 +452,13 @@ class HFEngine:
 # ---------------------------------------------------------------------------------------------------------
 
 
+def engine_max_len(model_config: Any, wanted: int) -> int:
+    """The engine's context: prompt budget + new tokens, but never past the model's position table
+    (vLLM refuses a max_model_len above max_position_embeddings)."""
+    limit = getattr(model_config, "max_position_embeddings", None)
+    return min(wanted, int(limit)) if limit else wanted
+
+
 def vllm_available() -> bool:
     try:
         import vllm  # noqa: F401
