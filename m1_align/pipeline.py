@@ -109,25 +109,18 @@ def _evaluate_base(cfg: PipelineConfig, first: StageConfig, forced: bool) -> Non
     if (out / "eval.json").is_file() and not forced:
         print(f"base: evaluated earlier ({out}), skipped")
         return
-    from m1_align.evaluation.run import run as run_eval
-
     print(f"base: evaluating the starting model {first.model.path} -> {out}")
-    run_eval(cfg.eval.model_copy(update={"model": cfg.eval.model.model_copy(update={"path": first.model.path}),
-                                         "data": first.data, "output_dir": str(out), "overwrite": True}))
+    _run_eval(cfg, first.model.path, first, out)
 
 
 def _evaluate(cfg: PipelineConfig, name: str, stage: StageConfig) -> None:
     """The same held-out evaluation after every policy stage, so the report compares like with like."""
-    if name not in POLICY_STAGES:
-        return
+    if name in POLICY_STAGES:
+        _run_eval(cfg, stage.output_dir, stage, Path(stage.output_dir) / "eval")
+
+
+def _run_eval(cfg: PipelineConfig, model_path: str, stage: StageConfig, out: Path) -> None:
     from m1_align.evaluation.run import run as run_eval
 
-    eval_cfg = cfg.eval.model_copy(
-        update={
-            "model": cfg.eval.model.model_copy(update={"path": stage.output_dir}),
-            "data": stage.data,
-            "output_dir": str(Path(stage.output_dir) / "eval"),
-            "overwrite": True,
-        }
-    )
-    run_eval(eval_cfg)
+    run_eval(cfg.eval.model_copy(update={"model": cfg.eval.model.model_copy(update={"path": model_path}),
+                                         "data": stage.data, "output_dir": str(out), "overwrite": True}))

@@ -99,10 +99,8 @@ def group_baseline(scores: torch.Tensor, groups: torch.Tensor, leave_one_out: bo
     for g in groups.unique():
         idx = groups == g
         r = scores[idx]
-        if leave_one_out and len(r) > 1:
-            out[idx] = (r.sum() - r) / (len(r) - 1)
-        else:
-            out[idx] = r.mean() if not leave_one_out else r
+        # a lone sample's mean is its own score, leave-one-out or not
+        out[idx] = (r.sum() - r) / (len(r) - 1) if leave_one_out and len(r) > 1 else r.mean()
     return out
 
 

@@ -128,8 +128,10 @@ def path_logprobs(model, batch: PathBatch, temperature: float, length_normalize:
     r_k = log pi(A | Q, c_k) [N] at temperature 1 (optionally per answer token)."""
     logits = model(input_ids=batch.ids, attention_mask=batch.mask, use_cache=False).logits[:, :-1]
     labels = batch.ids[:, 1:]
-    reasoning_logp = logprobs_from_logits(logits, labels, temperature) * batch.reasoning_mask
-    answer_logp = (logprobs_from_logits(logits, labels) * batch.answer_mask).sum(1)
+    sampled = logprobs_from_logits(logits, labels, temperature)
+    model_logp = sampled if temperature == 1.0 else logprobs_from_logits(logits, labels)  # one pass at T = 1
+    reasoning_logp = sampled * batch.reasoning_mask
+    answer_logp = (model_logp * batch.answer_mask).sum(1)
     if length_normalize:
         answer_logp = answer_logp / batch.answer_mask.sum(1)
     return reasoning_logp, answer_logp
