@@ -16,7 +16,7 @@ import time
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", required=True, help="a model folder with its tokenizer")
-    parser.add_argument("--data", default="data_cache/medical-seed0-max1500-eval100", help="a built data folder")
+    parser.add_argument("--data", default="data_cache/medical-v2-seed0-max1500-eval100", help="a built data folder")
     parser.add_argument("--prompts", type=int, default=96)
     parser.add_argument("--new-tokens", type=int, default=96)
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[8, 32, 96])

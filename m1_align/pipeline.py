@@ -85,6 +85,8 @@ def run(cfg: PipelineConfig, only: str | None = None, start: str | None = None) 
         if done is not None and name not in forced:
             print(f"[{i}/{len(names)}] {name}: finished earlier ({done.seconds:.0f}s), skipped")
             timings[name] = done.seconds
+            if not (Path(stage.output_dir) / "eval" / "eval.json").is_file():  # interrupted during its evaluation
+                _evaluate(cfg, name, stage)
             continue
         if name in forced:
             stage = stage.model_copy(update={"overwrite": True})

@@ -208,6 +208,16 @@ def test_build_is_deterministic_and_cached(built, tmp_path, monkeypatch):
     assert not list(out.parent.glob(".built.*"))  # no temp folder left behind
 
 
+def test_held_out_rows_are_in_random_order(built):
+    """test = the first N of a task, dev = the last N: both must be random samples of the held-out items,
+    not the two ends of a sorted list (sorted ICD codes put the cancers first and the pregnancies last)."""
+    out, _ = built
+    rows = read_split_rows(out, "eval")
+    for task in {r["task"] for r in rows}:
+        items = [r["item"] for r in rows if r["task"] == task]
+        assert len(items) == 25 and items != sorted(items) and items != sorted(items, reverse=True), task
+
+
 def test_show_and_corpus(built):
     out, _ = built
     text = show(out, n=1)
@@ -420,4 +430,4 @@ def test_build_from_config_uses_cache_dir(tmp_path):
 
     config = SimpleNamespace(cache_dir=str(tmp_path), seed=0, max_per_task=5, eval_per_task=5)
     out = build_from_config(config)
-    assert out == tmp_path / "medical-seed0-max5-eval5" and (out / "manifest.json").is_file()
+    assert out == tmp_path / "medical-v2-seed0-max5-eval5" and (out / "manifest.json").is_file()

@@ -73,9 +73,12 @@ def test_pipeline_end_to_end(tmp_path, data_cache, monkeypatch, capsys):
     assert (run_dir / "pretrain" / "tokenizer" / "tokenizer.json").is_file()
 
     # a finished run is skipped; --only re-runs one stage, --from re-runs a stage and the ones after it
+    # (a finished stage whose evaluation was interrupted is evaluated, not retrained)
     before = {s: json.loads((run_dir / s / "result.json").read_text())["seconds"] for s in STAGES}
+    (run_dir / "sft" / "eval" / "eval.json").unlink()
     pipeline.run(cfg)
     assert {s: json.loads((run_dir / s / "result.json").read_text())["seconds"] for s in STAGES} == before
+    assert (run_dir / "sft" / "eval" / "eval.json").is_file()
     pipeline.run(cfg, only="rm")
     after_only = {s: json.loads((run_dir / s / "result.json").read_text())["seconds"] for s in STAGES}
     assert [s for s in STAGES if after_only[s] != before[s]] == ["rm"]

@@ -131,12 +131,13 @@ ROW_MAKERS = {
 
 
 def heldout_items(seed: int, eval_per_task: int, tasks: Sequence[str]) -> dict[str, list[str]]:
-    """Per task, the seed-chosen items kept for evaluation."""
+    """Per task, the seed-chosen items kept for evaluation, in that random order: the first and the last
+    N of a task (test and dev) are then two random samples, not two ends of the alphabet."""
     heldout = {}
     for name in tasks:
         items = list(TASKS[name].items())
         random.Random(f"{seed}|heldout|{name}").shuffle(items)
-        heldout[name] = sorted(items[:eval_per_task])
+        heldout[name] = items[:eval_per_task]
     return heldout
 
 
@@ -319,7 +320,8 @@ def _replace_dir(new: Path, target: Path) -> None:
 
 
 def build_dir_name(seed: int, max_per_task: int, eval_per_task: int) -> str:
-    return f"medical-seed{seed}-max{max_per_task}-eval{eval_per_task}"
+    # v2: held-out rows in random order (v1 sorted them, so test and dev differed in their answers)
+    return f"medical-v2-seed{seed}-max{max_per_task}-eval{eval_per_task}"
 
 
 def build_from_config(data_config: Any) -> Path:
