@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import os
 import sys
@@ -27,8 +28,24 @@ STAGES: dict[str, tuple[str | None, str]] = {
 
 
 # Raised for bad input (paths, data files, finished outputs, missing data packages), not for bugs.
-USER_ERRORS = {"OutputExistsError", "ModelPathError", "DataError", "MissingSourceError", "LeakError", "UserInputError",
-               "GGUFImportError", "DivergedError"}
+USER_ERRORS = {"OutputExistsError", "OutputDirError", "ModelPathError", "DataError", "MissingSourceError", "LeakError",
+               "UserInputError", "GGUFImportError", "DivergedError", "IncompleteCheckpointError"}
+DISK_FULL = ("No space left on device", "os error 28", "file write failed", "Disk quota exceeded")
+
+
+def _user_message(err: BaseException) -> str | None:
+    """One line for an error the user can fix, or None to keep the traceback (a bug)."""
+    if isinstance(err, ConfigError) or type(err).__name__ in USER_ERRORS:
+        return str(err)
+    text = str(err)
+    # torch and safetensors wrap ENOSPC in RuntimeError / SafetensorError: recognise it by its text
+    if (isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT)) or any(s in text for s in DISK_FULL):
+        where = getattr(err, "filename", None) or "the output folder"
+        return (f"disk full while writing {where}: free space there (df -h) or choose an output_dir on another disk, "
+                "then run the same command again to resume from the last checkpoint")
+    if isinstance(err, OSError) and err.errno in (errno.EROFS, errno.EACCES, errno.EPERM) and err.filename:
+        return f"cannot write {err.filename} ({err.strerror}); choose an output_dir you can write to"
+    return None
 
 
 def _add_config_args(parser: argparse.ArgumentParser) -> None:
@@ -162,13 +179,11 @@ def main(argv: list[str] | None = None) -> int:
                   f"probe max |log-prob diff| {report['probe_max_abs_logprob_diff']:.1e} over {report['probe_tokens']} tokens")
             return 0
         return _run_stage(args.command, args)
-    except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
     except Exception as err:  # errors a user can fix get one line; anything else keeps its traceback
-        if type(err).__name__ not in USER_ERRORS:
+        message = _user_message(err)
+        if message is None:
             raise
-        print(f"error: {err}", file=sys.stderr)
+        print(f"error: {message}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted: the last checkpoint is kept; run the same command again to resume", file=sys.stderr)

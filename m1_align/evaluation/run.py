@@ -108,17 +108,27 @@ def evaluate(cfg: EvalConfig, model, tokenizer, model_dir: Path | None = None) -
 def _benchmarks(cfg: EvalConfig, model, tokenizer, generate) -> tuple[dict[str, Any], list[dict]]:
     metrics: dict[str, Any] = {}
     samples: list[dict] = []
+    clock = time.time()
+
+    def lap(name: str) -> None:  # where evaluation time goes (seconds/<part> in eval.json)
+        nonlocal clock
+        metrics[f"seconds/{name}"] = round(time.time() - clock, 1)
+        clock = time.time()
+
     mmlu = _mmlu_rows(cfg)
     if mmlu:
         found, rows = benchmarks.mmlu_medical(model, tokenizer, mmlu, generate, cfg.eval.batch_size, cfg.eval.mmlu_generation_limit)
         metrics.update(found)
         samples += rows
+        lap("mmlu_medical")
     verifiable = eval_rows(cfg, cfg.eval.limit, cfg.eval.split) if cfg.eval.verifiable_sets else []
     if verifiable:
         found, rows = benchmarks.verifiable_sets(verifiable, generate)
         metrics.update(found)
+        lap("verifiable")
         metrics.update(benchmarks.gold_answer_logprobs(model, tokenizer, verifiable, [r["completion"] for r in rows], cfg.eval.batch_size))
         samples += rows
+        lap("gold_answer_logp")
     if cfg.eval.reward_model:
         rm_config = ModelConfig(
             path=cfg.eval.reward_model, dtype=cfg.model.dtype, trust_remote_code=cfg.model.trust_remote_code

@@ -307,6 +307,10 @@ class BaichuanM1ForCausalLM(nn.Module, HasInnerState, IsHybrid):
     def __init__(self, *, vllm_config: VllmConfig, prefix: str = ""):
         super().__init__()
         config = vllm_config.model_config.hf_config
+        if vllm_config.speculative_config is not None:
+            # a rejected draft token would have to roll back the K/V conv state, which KVConv does not do
+            raise ValueError("Baichuan-M1 in vLLM does not support speculative decoding (its K/V conv state cannot "
+                             "roll back rejected draft tokens); remove speculative_config")
         if not vllm_config.model_config.is_hybrid:
             # vLLM allocates the conv state only for hybrid configs, i.e. when layer_types mixes kinds
             raise ValueError(

@@ -22,8 +22,9 @@ from m1_align.config import TDPOConfig
 from m1_align.data.stage_data import eval_rows, preference_datasets
 from m1_align.evaluation.benchmarks import answer_accuracy
 from m1_align.preference.losses import preference_loss, token_terms
-from m1_align.runs import MetricsLogger, StageResult, prepare_output_dir
+from m1_align.runs import MetricsLogger, StageResult
 from m1_align.training import (
+    CheckpointMarker,
     MetricsCallback,
     WSDScheduleMixin,
     finish_stage,
@@ -33,7 +34,9 @@ from m1_align.training import (
     peft_config,
     resolve_model_dir,
     save_final,
+    start_output_dir,
     training_arguments,
+    whole_run_train_loss,
 )
 
 
@@ -101,7 +104,7 @@ def build_trainer(cfg: TDPOConfig, output_dir: Path, logger: MetricsLogger):
         eval_dataset=eval_dataset,
         processing_class=tokenizer,
         peft_config=peft_config(cfg.model.lora) if cfg.model.lora.enabled else None,
-        callbacks=[MetricsCallback(logger)],
+        callbacks=[MetricsCallback(logger), CheckpointMarker()],
         tdpo_loss=cfg.tdpo.loss,
         alpha=cfg.tdpo.alpha,
         kl_chunk_size=cfg.tdpo.kl_chunk_size,
@@ -112,7 +115,7 @@ def build_trainer(cfg: TDPOConfig, output_dir: Path, logger: MetricsLogger):
 
 def run(cfg: TDPOConfig) -> StageResult:
     start = time.time()
-    output_dir = prepare_output_dir(cfg.output_dir, cfg.overwrite)
+    output_dir = start_output_dir(cfg)
     logger = MetricsLogger(output_dir, run_name="tdpo")
     trainer, tokenizer = build_trainer(cfg, output_dir, logger)
     metrics = {}
@@ -123,7 +126,7 @@ def run(cfg: TDPOConfig) -> StageResult:
     train_output = trainer.train(resume_from_checkpoint=resume)
     save_final(trainer, tokenizer, cfg, output_dir)
 
-    metrics.update({"train_loss": train_output.training_loss, "steps": trainer.state.global_step})
+    metrics.update({"train_loss": whole_run_train_loss(trainer, train_output, resume), "steps": trainer.state.global_step})
     if trainer.eval_dataset is not None:
         after = trainer.evaluate()
         metrics.update({k.removeprefix("eval_"): v for k, v in after.items() if k.startswith(("eval_rewards", "eval_preference", "eval_seqkl", "eval_loss"))})

@@ -16,8 +16,9 @@ from trl import RewardConfig, RewardTrainer
 from m1_align.config import ConfigError, RMConfig
 from m1_align.data.stage_data import preference_datasets
 from m1_align.reward_models.evaluate import evaluate_pairs
-from m1_align.runs import MetricsLogger, StageResult, prepare_output_dir
+from m1_align.runs import MetricsLogger, StageResult
 from m1_align.training import (
+    CheckpointMarker,
     MetricsCallback,
     WSDScheduleMixin,
     finish_stage,
@@ -27,7 +28,9 @@ from m1_align.training import (
     peft_config,
     resolve_model_dir,
     save_final,
+    start_output_dir,
     training_arguments,
+    whole_run_train_loss,
 )
 
 
@@ -45,7 +48,7 @@ def _with_margin(dataset, column: str | None):
 
 def run(cfg: RMConfig) -> StageResult:
     start = time.time()
-    output_dir = prepare_output_dir(cfg.output_dir, cfg.overwrite)
+    output_dir = start_output_dir(cfg)
     model_dir = resolve_model_dir(cfg.model.path)
     tokenizer = load_tokenizer(cfg.model, model_dir)
     train, held = preference_datasets(cfg, keep=[cfg.rm.margin_column] if cfg.rm.margin_column else ())
@@ -65,14 +68,14 @@ def run(cfg: RMConfig) -> StageResult:
         eval_dataset=_with_margin(held, cfg.rm.margin_column),
         processing_class=tokenizer,
         peft_config=peft_config(cfg.model.lora, task_type="SEQ_CLS") if cfg.model.lora.enabled else None,
-        callbacks=[MetricsCallback(logger)],
+        callbacks=[MetricsCallback(logger), CheckpointMarker()],
     )
     trainer.decay_ratio = cfg.train.decay_ratio
     resume = last_checkpoint(output_dir) if cfg.train.resume else None
     train_output = trainer.train(resume_from_checkpoint=resume)
     final_dir = save_final(trainer, tokenizer, cfg, output_dir)
 
-    metrics = {"train_loss": train_output.training_loss, "steps": trainer.state.global_step}
+    metrics = {"train_loss": whole_run_train_loss(trainer, train_output, resume), "steps": trainer.state.global_step}
     if held is not None:
         report = evaluate_pairs(trainer.model, tokenizer, list(held), max_length=cfg.train.max_length)
         metrics.update({k: v for k, v in report.items() if isinstance(v, float | int)})

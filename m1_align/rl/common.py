@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from m1_align.runs import atomic_replace_dir
+from m1_align.runs import atomic_replace_dir, check_complete, mark_complete
 
 CHECKPOINT_DIR = "checkpoint"
 
@@ -95,6 +95,7 @@ def save_checkpoint(
         before_commit(tmp)
     barrier()
     if rank == 0:
+        mark_complete(tmp)
         atomic_replace_dir(tmp, final)
     barrier()
 
@@ -102,8 +103,9 @@ def save_checkpoint(
 def load_checkpoint(output_dir: Path, rank: int = 0) -> dict[str, Any] | None:
     """The loop state of the last checkpoint, or None; restores this rank's RNG state. Weights are loaded by the caller."""
     path = output_dir / CHECKPOINT_DIR
-    if not (path / "state.json").is_file():
+    if not path.is_dir():
         return None
+    check_complete(path, ("state.json", "optimizers.pt"))  # never resume with a fresh optimizer unannounced
     state = json.loads((path / "state.json").read_text())
     if not (path / f"rng_rank{rank}.json").is_file():
         raise ValueError(f"{path} was written by {state.get('world_size', 1)} processes; resume it with as many, "

@@ -42,6 +42,7 @@ from m1_align.runs import (
     prepare_output_dir,
 )
 from m1_align.training import (
+    check_inputs,
     load_model,
     load_tokenizer,
     peft_config,
@@ -396,6 +397,7 @@ class OnlineLoop:
             "mixed_precision": "bf16" if dtype == torch.bfloat16 else "no"}
         self.accelerator = Accelerator(cpu=not torch.cuda.is_available(), **precision)
         torch.manual_seed(cfg.seed)
+        check_inputs(cfg)  # on every rank, so a bad input stops them all before anything is written
         if self.is_main:
             self.output_dir = prepare_output_dir(cfg.output_dir, cfg.overwrite)
         self.accelerator.wait_for_everyone()

@@ -18,15 +18,18 @@ from trl import SFTTrainer
 from m1_align.config import ConfigError, PretrainConfig
 from m1_align.data.build import corpus_texts
 from m1_align.data.stage_data import built_dir
-from m1_align.runs import MetricsLogger, StageResult, prepare_output_dir
+from m1_align.runs import MetricsLogger, StageResult
 from m1_align.training import (
+    CheckpointMarker,
     MetricsCallback,
     WSDScheduleMixin,
     finish_stage,
     last_checkpoint,
     resolve_dtype,
     save_final,
+    start_output_dir,
     training_arguments,
+    whole_run_train_loss,
 )
 
 
@@ -63,7 +66,7 @@ def run(cfg: PretrainConfig) -> StageResult:
     start = time.time()
     if cfg.model.path:
         raise ConfigError("pretrain trains from scratch: set model.preset (e.g. quickstart), not model.path")
-    output_dir = prepare_output_dir(cfg.output_dir, cfg.overwrite)
+    output_dir = start_output_dir(cfg)
     data_dir = built_dir(cfg)
     tokenizer = tokenizer_for(cfg, data_dir, output_dir)
     train = Dataset.from_dict({"text": list(corpus_texts(data_dir, "train"))}).shuffle(seed=cfg.seed)
@@ -83,7 +86,7 @@ def run(cfg: PretrainConfig) -> StageResult:
         train_dataset=train,
         eval_dataset=heldout,
         processing_class=tokenizer,
-        callbacks=[MetricsCallback(logger)],
+        callbacks=[MetricsCallback(logger), CheckpointMarker()],
     )
     trainer.decay_ratio = cfg.train.decay_ratio
     initial_loss = trainer.evaluate()["eval_loss"]
@@ -93,7 +96,7 @@ def run(cfg: PretrainConfig) -> StageResult:
 
     eval_loss = trainer.evaluate()["eval_loss"]
     metrics = {
-        "train_loss": train_output.training_loss,
+        "train_loss": whole_run_train_loss(trainer, train_output, resume),
         "heldout_loss_init": initial_loss,
         "heldout_loss": eval_loss,
         "heldout_perplexity": math.exp(eval_loss),

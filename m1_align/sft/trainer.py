@@ -19,8 +19,9 @@ from m1_align.config import SFTConfig
 from m1_align.data.chat import chat_template_for, encode_chat, has_generation_markers
 from m1_align.data.stage_data import eval_rows, sft_datasets
 from m1_align.evaluation.benchmarks import answer_accuracy
-from m1_align.runs import MetricsLogger, StageResult, prepare_output_dir
+from m1_align.runs import MetricsLogger, StageResult
 from m1_align.training import (
+    CheckpointMarker,
     MetricsCallback,
     WSDScheduleMixin,
     finish_stage,
@@ -30,7 +31,9 @@ from m1_align.training import (
     peft_config,
     resolve_model_dir,
     save_final,
+    start_output_dir,
     training_arguments,
+    whole_run_train_loss,
 )
 
 
@@ -74,7 +77,7 @@ def build_trainer(cfg: SFTConfig, output_dir: Path, logger: MetricsLogger):
         eval_dataset=eval_dataset,
         processing_class=tokenizer,
         peft_config=peft_config(cfg.model.lora) if cfg.model.lora.enabled else None,
-        callbacks=[MetricsCallback(logger)],
+        callbacks=[MetricsCallback(logger), CheckpointMarker()],
     )
     trainer.decay_ratio = cfg.train.decay_ratio
     return trainer, tokenizer
@@ -82,14 +85,14 @@ def build_trainer(cfg: SFTConfig, output_dir: Path, logger: MetricsLogger):
 
 def run(cfg: SFTConfig) -> StageResult:
     start = time.time()
-    output_dir = prepare_output_dir(cfg.output_dir, cfg.overwrite)
+    output_dir = start_output_dir(cfg)
     logger = MetricsLogger(output_dir, run_name="sft")
     trainer, tokenizer = build_trainer(cfg, output_dir, logger)
     resume = last_checkpoint(output_dir) if cfg.train.resume else None
     train_output = trainer.train(resume_from_checkpoint=resume)
     save_final(trainer, tokenizer, cfg, output_dir)
 
-    metrics = {"train_loss": train_output.training_loss, "steps": trainer.state.global_step}
+    metrics = {"train_loss": whole_run_train_loss(trainer, train_output, resume), "steps": trainer.state.global_step}
     if trainer.eval_dataset is not None:
         metrics["eval_loss"] = trainer.evaluate()["eval_loss"]
     metrics.update(answer_accuracy(

@@ -1,0 +1,297 @@
+"""Bad input gets one line that names the file or field and the fix, before anything is written; faults
+(kills, lost files, full disks) lose nothing.
+
+To add a bad input: write a `make(tmp, good)` function that builds the broken thing under `tmp` and
+returns the command line (`good` has a working model folder and the small data's overrides), then add
+one `Case` to CASES with a regular expression the one-line message must match.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+from conftest import SMALL_DATA
+
+from m1_align.cli import _user_message, main
+
+
+@dataclass
+class Good:
+    model: Path  # a tiny Llama folder with a ChatML tokenizer
+    data: list[str]  # overrides pointing at the session's small built data
+
+    def model_copy(self, tmp: Path) -> Path:
+        return Path(shutil.copytree(self.model, tmp / "model"))
+
+
+@pytest.fixture(scope="module")
+def good(tiny_llama_dir, data_cache):
+    return Good(tiny_llama_dir, [f"data.cache_dir={data_cache}", *(f"data.{k}={v}" for k, v in SMALL_DATA.items())])
+
+
+def sft(tmp: Path, good: Good, *overrides: str, model: Path | None = None) -> list[str]:
+    return ["sft", f"output_dir={tmp / 'out'}", f"model.path={model or good.model}", *good.data, *overrides]
+
+
+def write(path: Path, content: str | bytes) -> Path:
+    path.write_bytes(content if isinstance(content, bytes) else content.encode())
+    return path
+
+
+def jsonl(path: Path, rows: list[dict]) -> Path:
+    return write(path, "".join(json.dumps(r) + "\n" for r in rows))
+
+
+# --- the cases: each builds its broken input and returns the command line ---------------------------
+
+
+def config_not_utf8(tmp, good):
+    return ["sft", str(write(tmp / "c.yaml", b"train:\n  learning_rate: 1.0e-5 # caf\xe9\n"))]
+
+
+def learning_rate_inf(tmp, good):
+    return sft(tmp, good, "train.learning_rate=inf")
+
+
+def betas_out_of_range(tmp, good):
+    return sft(tmp, good, "train.adam_betas=[0.9,1.5]")
+
+
+def key_given_twice(tmp, good):
+    return sft(tmp, good, "train.learning_rate=1e-4", "train.learning_rate=1e-5")
+
+
+def other_stages_key(tmp, good):
+    return sft(tmp, good, "tdpo.beta=0.2")
+
+
+def model_folder_empty(tmp, good):
+    (tmp / "empty").mkdir()
+    return sft(tmp, good, model=tmp / "empty")
+
+
+def model_config_not_json(tmp, good):
+    model = good.model_copy(tmp)
+    write(model / "config.json", "{not json")
+    return sft(tmp, good, model=model)
+
+
+def unknown_model_type(tmp, good):
+    model = good.model_copy(tmp)
+    config = json.loads((model / "config.json").read_text())
+    write(model / "config.json", json.dumps({**config, "model_type": "llama9000"}))
+    return sft(tmp, good, model=model)
+
+
+def truncated_weights(tmp, good):
+    model = good.model_copy(tmp)
+    weights = model / "model.safetensors"
+    write(weights, weights.read_bytes()[: weights.stat().st_size // 2])
+    return sft(tmp, good, model=model)
+
+
+def tokenizer_missing(tmp, good):
+    model = good.model_copy(tmp)
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja"):
+        (model / name).unlink(missing_ok=True)
+    return sft(tmp, good, model=model)
+
+
+def tokenizer_folder_empty(tmp, good):
+    (tmp / "tok").mkdir()
+    return sft(tmp, good, f"model.tokenizer={tmp / 'tok'}")
+
+
+def output_is_a_file(tmp, good):
+    write(tmp / "out", "")
+    return sft(tmp, good)
+
+
+def output_under_a_file(tmp, good):
+    write(tmp / "afile", "")
+    return ["sft", f"output_dir={tmp / 'afile' / 'run'}", f"model.path={good.model}", *good.data]
+
+
+def data_not_utf8(tmp, good):
+    path = write(tmp / "d.jsonl", b'{"prompt": "caf\xe9"}\n')
+    return sft(tmp, good, f"data.train_file={path}")
+
+
+def pairs_all_degenerate(tmp, good):
+    rows = [{"prompt": "What does CKD stand for?", "chosen": "Chronic kidney disease", "rejected": "Chronic kidney disease"},
+            {"prompt": "What does MI stand for?", "chosen": "Myocardial infarction", "rejected": " "}]
+    return ["tdpo", *sft(tmp, good, f"data.train_file={jsonl(tmp / 'p.jsonl', rows)}")[1:]]
+
+
+def unknown_rule(tmp, good):
+    rows = [{"prompt": "ICD-10 code for essential hypertension?", "answer": "I10", "rule": "icd10"}]
+    return ["grpo", *sft(tmp, good, f"data.train_file={jsonl(tmp / 'r.jsonl', rows)}")[1:]]
+
+
+def deepspeed_config_missing(tmp, good):
+    return sft(tmp, good, f"train.deepspeed={tmp / 'zero9.json'}")
+
+
+@dataclass
+class Case:
+    make: Callable[[Path, Good], list[str]]
+    message: str  # a regular expression the one-line error must match
+
+
+CASES = [
+    Case(config_not_utf8, r"c\.yaml: not UTF-8 text .*save the config as UTF-8"),
+    Case(learning_rate_inf, r"'train\.learning_rate' input should be a finite number"),
+    Case(betas_out_of_range, r"'train\.adam_betas\.1' input should be less than 1"),
+    Case(key_given_twice, r"train\.learning_rate is given twice; give it once"),
+    Case(other_stages_key, r"unknown key 'tdpo' .*it is a key of tdpo \(m1-align tdpo \.\.\.\)"),
+    Case(model_folder_empty, r"model path .*empty holds no Hugging Face model"),
+    Case(model_config_not_json, r"config\.json is not valid UTF-8 JSON"),
+    Case(unknown_model_type, r"model_type 'llama9000' is not one transformers .* knows"),
+    Case(truncated_weights, r"model\.safetensors is damaged or truncated .*copy the model folder again"),
+    Case(tokenizer_missing, r"no tokenizer in .*model .*set model\.tokenizer"),
+    Case(tokenizer_folder_empty, r"no tokenizer in .*tok "),
+    Case(output_is_a_file, r"output_dir .*out is a file, not a folder"),
+    Case(output_under_a_file, r"output_dir .*afile/run cannot be written"),
+    Case(data_not_utf8, r"d\.jsonl: not UTF-8 text .*save the file as UTF-8"),
+    Case(pairs_all_degenerate, r"p\.jsonl: every row is degenerate \(1 with chosen == rejected, 1 with an empty response\)"),
+    Case(unknown_rule, r"r\.jsonl line 1: unknown rule 'icd10' \(known: mcq_letter, icd10_code"),
+    Case(deepspeed_config_missing, r"train\.deepspeed: .*zero9\.json not found"),
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.make.__name__ for c in CASES])
+def test_bad_input_is_one_line_before_anything_is_written(case, good, tmp_path, capsys):
+    argv = case.make(tmp_path, good)
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err, err
+    assert __import__("re").search(case.message, err), err
+    out = tmp_path / "out"
+    assert not out.is_dir() or not any(out.iterdir()), "the run wrote into its output folder before failing"
+
+
+# --- faults and what they must not lose ----------------------------------------------------------------
+
+
+def test_overwrite_with_a_bad_input_leaves_the_finished_run_in_place(good, tmp_path, capsys):
+    from m1_align.runs import StageResult
+
+    out = tmp_path / "out"
+    (out / "model").mkdir(parents=True)
+    write(out / "model" / "model.safetensors", b"weights")
+    StageResult("sft", str(out), {"train_loss": 1.0}).save()
+    assert main(sft(tmp_path, good, "overwrite=true", f"data.train_file={tmp_path / 'typo.jsonl'}")) == 2
+    assert "typo.jsonl: no such file" in capsys.readouterr().err
+    assert (out / "result.json").is_file() and (out / "model" / "model.safetensors").read_bytes() == b"weights"
+    assert not (tmp_path / "out.previous").exists()
+
+
+def test_degenerate_rows_are_dropped_with_a_count(tmp_path, capsys):
+    from m1_align.data.user_data import load_user_data
+
+    pairs = [{"prompt": "q1", "chosen": "yes", "rejected": "no"}, {"prompt": "q2", "chosen": "same", "rejected": "same"},
+             {"prompt": "q3", "chosen": "", "rejected": "no"}]
+    assert load_user_data(jsonl(tmp_path / "p.jsonl", pairs), "preference")["prompt"] == [[{"role": "user", "content": "q1"}]]
+    assert "p.jsonl: dropped 2 of 3 rows (1 with chosen == rejected, 1 with an empty response)" in capsys.readouterr().err
+    prompts = [{"prompt": "q1", "answer": "I10"}, {"prompt": "q2", "answer": "  "}]
+    assert len(load_user_data(jsonl(tmp_path / "r.jsonl", prompts), "rl")) == 1
+    assert "r.jsonl: dropped 1 of 2 rows (1 with an empty answer)" in capsys.readouterr().err
+
+
+def test_a_trainer_checkpoint_counts_only_when_complete(tmp_path, capsys):
+    from m1_align.runs import IncompleteCheckpointError, mark_complete
+    from m1_align.training import last_checkpoint
+
+    def checkpoint(step: int, marked: bool = True) -> Path:
+        folder = tmp_path / "checkpoints" / f"checkpoint-{step}"
+        folder.mkdir(parents=True)
+        for name in ("model.safetensors", "trainer_state.json", "optimizer.pt", "scheduler.pt"):
+            write(folder / name, name * 10)
+        if marked:
+            mark_complete(folder)
+        return folder
+
+    first = checkpoint(2)
+    cut_short = checkpoint(4, marked=False)  # killed while saving: no marker
+    assert last_checkpoint(tmp_path) == str(first) and not cut_short.exists()
+    assert "was cut short while saving; removed" in capsys.readouterr().out
+    (first / "optimizer.pt").unlink()  # lost later: must not resume with a fresh optimizer
+    with pytest.raises(IncompleteCheckpointError, match="checkpoint-2 is missing optimizer.pt; restore it"):
+        last_checkpoint(tmp_path)
+    write(first / "optimizer.pt", "short")
+    with pytest.raises(IncompleteCheckpointError, match="optimizer.pt is 5 bytes, 120 when written"):
+        last_checkpoint(tmp_path)
+
+
+def test_an_online_checkpoint_without_its_optimizer_state_is_refused(tmp_path):
+    import torch
+
+    from m1_align.rl.common import CHECKPOINT_DIR, load_checkpoint, save_checkpoint
+    from m1_align.runs import IncompleteCheckpointError
+
+    model = torch.nn.Linear(2, 2)
+    optimizer = torch.optim.AdamW(model.parameters())
+    model(torch.ones(1, 2)).sum().backward()
+    optimizer.step()
+    save_checkpoint(tmp_path, 3, {}, {"policy": optimizer}, {"schedulers": {}})
+    assert load_checkpoint(tmp_path)["step"] == 3
+    (tmp_path / CHECKPOINT_DIR / "optimizers.pt").unlink()
+    with pytest.raises(IncompleteCheckpointError, match="is missing optimizers.pt"):
+        load_checkpoint(tmp_path)
+
+
+def test_whole_run_train_loss_weighs_the_steps_before_the_resume():
+    from m1_align.training import whole_run_train_loss
+
+    # logged every 2 steps; resumed from checkpoint-4; the resumed process averaged steps 5..6 to 1.0
+    state = SimpleNamespace(global_step=6, log_history=[{"step": 2, "loss": 3.0}, {"step": 4, "loss": 2.0},
+                                                        {"step": 6, "loss": 1.0}])
+    trainer, output = SimpleNamespace(state=state), SimpleNamespace(training_loss=1.0)
+    assert whole_run_train_loss(trainer, output, "out/checkpoints/checkpoint-4") == pytest.approx((3 * 2 + 2 * 2 + 1 * 2) / 6)
+    assert whole_run_train_loss(trainer, output, None) == 1.0
+
+
+def test_a_torn_metrics_line_is_dropped_with_a_note(tmp_path, capsys):
+    from m1_align.runs import MetricsLogger, read_metrics
+
+    write(tmp_path / "metrics.jsonl", '{"step": 1, "loss": 2.0}\n{"step": 2, "loss": 1.5}\n{"step": 3, "lo')
+    assert [r["step"] for r in read_metrics(tmp_path)] == [1, 2]
+    assert "metrics.jsonl line 3 is incomplete" in capsys.readouterr().out
+    MetricsLogger(tmp_path).truncate_after(1)
+    assert [r["step"] for r in read_metrics(tmp_path)] == [1]
+
+
+@pytest.mark.parametrize("error, expected", [
+    (OSError(errno.ENOSPC, "No space left on device", "/runs/x/model.safetensors"), "disk full while writing /runs/x/model.safetensors"),
+    (RuntimeError("[enforce fail at inline_container.cc:626] . PytorchStreamWriter failed writing file data/0: file write failed"),
+     "disk full while writing the output folder"),
+    (OSError(errno.EROFS, "Read-only file system", "/mnt/ro/run"), "cannot write /mnt/ro/run (Read-only file system)"),
+    (RuntimeError("a bug"), None),
+])
+def test_file_system_faults_become_one_line(error, expected):
+    message = _user_message(error)
+    assert message == expected if expected is None else message.startswith(expected)
+
+
+def test_import_m1_align_registers_the_hybrid_model_lazily(tiny_model_dir):
+    """`import m1_align` stays cheap (transformers is not imported), and once the user imports transformers
+    the Auto classes load a Baichuan-M1 folder without trust_remote_code; either import order works."""
+    code = ("import sys; import m1_align; assert 'transformers' not in sys.modules; "
+            "from transformers import AutoModelForCausalLM; "
+            f"print(type(AutoModelForCausalLM.from_pretrained({str(tiny_model_dir)!r})).__name__)")
+    later = ("import transformers, m1_align; from transformers import AutoConfig; "
+             f"print(type(AutoConfig.from_pretrained({str(tiny_model_dir)!r})).__name__)")
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    for source, expected in ((code, "BaichuanM1ForCausalLM"), (later, "BaichuanM1Config")):
+        out = subprocess.run([sys.executable, "-c", source], capture_output=True, text=True, env=env)
+        assert out.returncode == 0 and out.stdout.strip().splitlines()[-1] == expected, out.stderr[-2000:]
