@@ -118,3 +118,17 @@ def test_real_smollm2_imports_trains_a_lora_step_and_samples_through_vllm(tmp_pa
         assert completion.token_ids
     finally:
         engine.close()
+
+
+def test_dtype_auto_keeps_fp32_weights_and_autocasts_only_where_bf16_is_faster(monkeypatch, data_cache, tiny_llama_dir, tmp_path):
+    from m1_align import training
+
+    assert isinstance(training.bf16_matmul_faster(size=256, seconds=0.05), bool)  # the probe itself runs
+    cfg = config("sft", data_cache, tmp_path / "out", tiny_llama_dir)
+    assert cfg.model.dtype == "auto" and training.resolve_dtype("auto") == torch.float32
+    for faster in (True, False):
+        monkeypatch.setattr(training, "bf16_matmul_faster", lambda *a, faster=faster, **k: faster)
+        expected = torch.bfloat16 if faster or torch.cuda.is_available() else torch.float32
+        assert training.compute_dtype("auto") == expected
+        assert training.training_arguments(cfg, tmp_path)["bf16"] == (expected == torch.bfloat16)
+    assert training.compute_dtype("float32") == torch.float32 and training.compute_dtype("bfloat16") == torch.bfloat16

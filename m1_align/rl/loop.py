@@ -43,10 +43,10 @@ from m1_align.runs import (
 )
 from m1_align.training import (
     check_inputs,
+    compute_dtype,
     load_model,
     load_tokenizer,
     peft_config,
-    resolve_dtype,
     resolve_model_dir,
     write_json,
 )
@@ -270,7 +270,7 @@ class OnlineLoop:
 
     # -- setup -------------------------------------------------------------------------------------
     def _deepspeed_config(self) -> dict | None:
-        t, dtype = self.cfg.train, resolve_dtype(self.cfg.model.dtype)
+        t, dtype = self.cfg.train, compute_dtype(self.cfg.model.dtype)
         source = t.deepspeed
         if source is None and os.environ.get("ACCELERATE_USE_DEEPSPEED") == "true":  # accelerate launch, DeepSpeed config
             source = os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE")
@@ -294,9 +294,9 @@ class OnlineLoop:
             return make_engine("hf", model=policy, tokenizer=self.tokenizer)
         threads = torch.get_num_threads()
         engine = make_engine(
-            # the engine samples in the trainer's dtype, so its log-probs match the trainer's (vLLM's CPU default is bf16)
+            # the engine samples in the dtype of the trainer's forward, so its log-probs match the trainer's
             "vllm", model_dir=str(model_dir), tokenizer=self.tokenizer,
-            dtype=str(resolve_dtype(self.cfg.model.dtype)).removeprefix("torch."),
+            dtype=str(compute_dtype(self.cfg.model.dtype)).removeprefix("torch."),
             kv_cache_gib=r.kv_cache_gib, gpu_memory_utilization=r.gpu_memory_utilization,
             tensor_parallel_size=r.tensor_parallel_size, enforce_eager=r.enforce_eager, in_process=r.in_process,
             seed=self.cfg.seed + self.accelerator.process_index, max_model_len=engine_max_len(policy.config, self.cfg.train.max_length + r.max_new_tokens),
@@ -390,7 +390,7 @@ class OnlineLoop:
     def run(self) -> StageResult:
         start = time.time()
         cfg = self.cfg
-        dtype = resolve_dtype(cfg.model.dtype)
+        dtype = compute_dtype(cfg.model.dtype)
         # cpu=True: accelerate forms a process group of CPU processes only when told it runs on CPU; under
         # `accelerate launch` with a DeepSpeed config, precision comes from that config
         precision = {} if os.environ.get("ACCELERATE_USE_DEEPSPEED") == "true" else {
