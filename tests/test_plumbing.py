@@ -17,16 +17,40 @@ V = 11
 PAD = 0
 
 
-class Bigram(torch.nn.Module):
-    """logits at position t = table[x_t]: p(x_{t+1} | x_<=t) depends on x_t only, so every expected
-    log-prob is one table lookup, whatever the padding around it."""
-
-    def __init__(self, seed=0):
+class Lookup(torch.nn.Module):
+    def __init__(self, seed):
         super().__init__()
         self.table = torch.nn.Parameter(torch.randn(V, V, generator=torch.Generator().manual_seed(seed)))
 
-    def forward(self, input_ids, attention_mask=None, position_ids=None, use_cache=False):
-        return SimpleNamespace(logits=self.table[input_ids])
+    def forward(self, input_ids):
+        return (self.table[input_ids],)
+
+
+class Bigram(torch.nn.Module):
+    """logits at position t = table[x_t]: p(x_{t+1} | x_<=t) depends on x_t only, so every expected
+    log-prob is one table lookup, whatever the padding around it. Shaped like a causal LM: a decoder
+    (the lookup) whose hidden states an identity output head turns into logits."""
+
+    def __init__(self, seed=0):
+        super().__init__()
+        self.decoder = Lookup(seed)
+        self.head = torch.nn.Linear(V, V, bias=False)
+        self.head.weight.data = torch.eye(V)
+        self.head.requires_grad_(False)
+
+    @property
+    def table(self):
+        return self.decoder.table
+
+    def get_decoder(self):
+        return self.decoder
+
+    def get_output_embeddings(self):
+        return self.head
+
+    def forward(self, input_ids, attention_mask=None, position_ids=None, use_cache=False, logits_to_keep=0):
+        hidden = self.decoder(input_ids)[0]
+        return SimpleNamespace(logits=self.head(hidden[:, -logits_to_keep:] if logits_to_keep else hidden))
 
     def logp(self, prev: int, token: int, temperature: float = 1.0) -> float:
         return (self.table[prev] / temperature).log_softmax(-1)[token].item()
@@ -177,3 +201,47 @@ def test_reward_model_sees_the_end_of_a_long_response(tokenizer_dir):
     (score,) = score_conversations(LastToken(), tok, [conversation], max_length=64)
     assert score == full[-1]
     assert tok.truncation_side == "right"  # restored
+
+
+@pytest.mark.parametrize("model_kind", ["hybrid", "llama_lora"])
+def test_chunked_head_equals_the_full_logits(model_kind, tiny_model_dir, tiny_llama_dir):
+    """causal_lm_logprobs (head on the scored positions only, in checkpointed chunks) gives the log-probs,
+    entropies and gradients of the plain full-logits computation, on the hybrid model and a LoRA Llama."""
+    from transformers import AutoModelForCausalLM
+
+    import m1_align.model  # noqa: F401
+    from m1_align.rl.common import causal_lm_logprobs
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir if model_kind == "hybrid" else tiny_llama_dir))
+    if model_kind == "llama_lora":
+        from peft import LoraConfig, get_peft_model
+
+        model = get_peft_model(model, LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False))
+    ids = torch.randint(5, 200, (3, 17))
+    mask = torch.ones_like(ids)
+    mask[1, 13:] = 0  # a right-padded row
+    start, temperature = 6, 0.7
+    weights = torch.randn(3, 17 - start)
+
+    def reference():
+        logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits[:, start - 1 : -1].float()
+        logp = (logits / temperature).log_softmax(-1).gather(-1, ids[:, start:, None]).squeeze(-1)
+        z = logits / temperature
+        entropy = -(z.softmax(-1) * z.log_softmax(-1)).sum(-1)
+        raw = logits.log_softmax(-1).gather(-1, ids[:, start:, None]).squeeze(-1)
+        return logp, entropy, raw
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    results = []
+    for compute in (reference, lambda: causal_lm_logprobs(model, ids, mask, start, temperature, with_raw=True,
+                                                          with_entropy=True, chunk_tokens=5)):
+        model.zero_grad()
+        logp, entropy, raw = compute()
+        ((logp + 0.1 * entropy + raw) * weights).sum().backward()
+        results.append((logp.detach(), entropy.detach(), raw.detach(), [p.grad.clone() for p in params]))
+    (*values, grads), (*chunked, chunked_grads) = results
+    for expected, got in zip(values, chunked, strict=True):
+        torch.testing.assert_close(got, expected, atol=2e-5, rtol=1e-5)
+    for expected, got in zip(grads, chunked_grads, strict=True):
+        torch.testing.assert_close(got, expected, atol=2e-5, rtol=1e-4)

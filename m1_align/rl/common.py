@@ -11,21 +11,59 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.utils.checkpoint
 
 from m1_align.runs import atomic_replace_dir, check_complete, mark_complete
 
 CHECKPOINT_DIR = "checkpoint"
 
 
-def logprobs_from_logits(logits: torch.Tensor, labels: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
-    """log softmax(logits / temperature) at `labels`: [B, T], float32.
+def _unwrap(model):
+    while hasattr(model, "module"):  # DDP / DeepSpeedEngine (a PeftModel forwards attributes itself)
+        model = model.module
+    return model
 
-    One row at a time (logit - logsumexp), so a large vocabulary never holds [B, T, V] in float32 at once."""
-    rows = []
-    for row_logits, row_labels in zip(logits, labels, strict=True):
-        scaled = row_logits.float() / temperature if temperature != 1.0 else row_logits.float()
-        rows.append(scaled.gather(-1, row_labels.unsqueeze(-1)).squeeze(-1) - scaled.logsumexp(-1))
-    return torch.stack(rows)
+
+def causal_lm_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, start: int, temperature: float = 1.0,
+                       position_ids: torch.Tensor | None = None, with_raw: bool = False, with_entropy: bool = False,
+                       chunk_tokens: int = 512):
+    """Log-probs of the tokens in columns start.. (position t predicts token t+1): (log pi_T [B, T-start],
+    entropy of pi_T or None, temperature-1 log-probs or None), pi_T = softmax(logits / T), all float32.
+
+    The [B, T, V] logits are never built: the forward runs through the wrapped model (so DDP and DeepSpeed
+    see it) with the head on one position only, the final hidden states are taken from the decoder, and the
+    output head is applied `chunk_tokens` positions at a time, only where a label is scored, under
+    activation checkpointing so backward recomputes each chunk instead of keeping its logits."""
+    inner = _unwrap(model)
+    captured = []
+    handle = inner.get_decoder().register_forward_hook(lambda module, args, out: captured.append(out[0]))
+    try:
+        model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False, logits_to_keep=1)
+    finally:
+        handle.remove()
+    hidden = captured[-1][:, start - 1 : -1]  # [B, R, H]
+    labels = input_ids[:, start:]  # [B, R]
+    head = inner.get_output_embeddings()
+    flat_h, flat_y = hidden.reshape(-1, hidden.shape[-1]), labels.reshape(-1)
+
+    def scores(h: torch.Tensor, y: torch.Tensor) -> torch.Tensor:  # [3, n]: log pi_T, entropy, log pi_1
+        logits = head(h).float()
+        z = logits / temperature if temperature != 1.0 else logits
+        lse = z.logsumexp(-1)
+        logp = z.gather(-1, y.unsqueeze(-1)).squeeze(-1) - lse
+        entropy = lse - (z.softmax(-1) * z).sum(-1) if with_entropy else torch.zeros_like(lse)
+        raw = logp if temperature == 1.0 or not with_raw else logits.gather(-1, y.unsqueeze(-1)).squeeze(-1) - logits.logsumexp(-1)
+        return torch.stack([logp, entropy, raw])
+
+    parts = []
+    for begin in range(0, flat_y.numel(), chunk_tokens):
+        h, y = flat_h[begin : begin + chunk_tokens], flat_y[begin : begin + chunk_tokens]
+        if torch.is_grad_enabled() and h.requires_grad:
+            parts.append(torch.utils.checkpoint.checkpoint(scores, h, y, use_reentrant=False))
+        else:
+            parts.append(scores(h, y))
+    logp, entropy, raw = torch.cat(parts, dim=1).view(3, *labels.shape)
+    return logp, entropy if with_entropy else None, raw if with_raw else None
 
 
 def right_pad(rows: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:

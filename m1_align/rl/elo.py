@@ -24,7 +24,7 @@ from m1_align.config import ELOConfig
 from m1_align.data.stage_data import eval_rows, rl_rows
 from m1_align.evaluation.benchmarks import prompt_ids
 from m1_align.rl.algorithms import group_baseline, kl_penalty, masked_mean, policy_loss
-from m1_align.rl.common import logprobs_from_logits, right_pad, span_mask
+from m1_align.rl.common import causal_lm_logprobs, right_pad, span_mask
 from m1_align.rl.loop import OnlineLoop
 
 # ---------------------------------------------------------------------------------------------
@@ -126,10 +126,10 @@ def path_batch(paths: list[ReasoningPath], pad_id: int, device) -> PathBatch:
 def path_logprobs(model, batch: PathBatch, temperature: float, length_normalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """From one forward: log pi_T of every reasoning token [N, W-1] (0 outside the span) and
     r_k = log pi(A | Q, c_k) [N] at temperature 1 (optionally per answer token)."""
-    logits = model(input_ids=batch.ids, attention_mask=batch.mask, use_cache=False).logits[:, :-1]
-    labels = batch.ids[:, 1:]
-    sampled = logprobs_from_logits(logits, labels, temperature)
-    model_logp = sampled if temperature == 1.0 else logprobs_from_logits(logits, labels)  # one pass at T = 1
+    # the head runs from the first scored column on (the shortest prompt's end), not over every prompt token
+    first = int((batch.reasoning_mask + batch.answer_mask).sum(0).nonzero()[0])
+    sampled, _, model_logp = causal_lm_logprobs(model, batch.ids, batch.mask, first + 1, temperature, with_raw=True)
+    sampled, model_logp = (torch.nn.functional.pad(x, (first, 0)) for x in (sampled, model_logp))  # back to [N, W-1]
     reasoning_logp = sampled * batch.reasoning_mask
     answer_logp = (model_logp * batch.answer_mask).sum(1)
     if length_normalize:

@@ -48,7 +48,7 @@ from m1_align.rl.algorithms import (
     value_loss,
     whiten,
 )
-from m1_align.rl.common import TokenValues, logprobs_from_logits
+from m1_align.rl.common import TokenValues, causal_lm_logprobs
 from m1_align.rl.loop import OnlineLoop
 from m1_align.rl.rollout import Completion
 from m1_align.training import load_model, resolve_model_dir
@@ -79,18 +79,10 @@ def positions(mask: torch.Tensor) -> torch.Tensor:
 def response_logprobs(model, ids, mask, start: int, temperature: float = 1.0, with_entropy: bool = False,
                       with_raw: bool = False):
     """log pi_T of the response tokens (columns start..end) [B, R], pi_T = softmax(logits / T); optionally the
-    entropy of pi_T and the temperature-1 log-probs (the model's own distribution)."""
-    logits = model(input_ids=ids, attention_mask=mask, position_ids=positions(mask), use_cache=False).logits
-    logits = logits[:, start - 1 : -1]  # position t predicts token t+1
-    labels = ids[:, start:]
-    logp = logprobs_from_logits(logits, labels, temperature)
-    entropy = raw = None
-    if with_entropy:  # H = logsumexp(z) - sum softmax(z) z, z = logits / T, one row at a time
-        rows = [(row.float() / temperature) for row in logits]
-        entropy = torch.stack([z.logsumexp(-1) - (z.softmax(-1) * z).sum(-1) for z in rows])
-    if with_raw:
-        raw = logp if temperature == 1.0 else logprobs_from_logits(logits, labels)
-    return logp, entropy, raw
+    entropy of pi_T and the temperature-1 log-probs (the model's own distribution). The output head runs on
+    the response positions only, in chunks (causal_lm_logprobs)."""
+    return causal_lm_logprobs(model, ids, mask, start, temperature, position_ids=positions(mask), with_raw=with_raw,
+                              with_entropy=with_entropy)
 
 
 def response_values(critic, ids, mask, start: int) -> torch.Tensor:
