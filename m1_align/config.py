@@ -107,6 +107,9 @@ class TrainConfig(Section):
     report_to: list[Literal["tensorboard", "wandb"]] = []  # metrics.jsonl is always written
     deepspeed: str | None = None  # a DeepSpeed JSON config, e.g. configs/deepspeed/zero2.json
     resume: bool = True  # continue from the last checkpoint in output_dir when there is one
+    # online stages (ELO, PPO, GRPO): pack the samples into rows without padding, positions restarting per
+    # sample (checked against the padded forward when the run starts; off where the model disagrees)
+    padding_free: bool = True
 
     _paths = field_validator("deepspeed")(_check_path)
 

@@ -24,16 +24,25 @@ def _unwrap(model):
     return model
 
 
-def causal_lm_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, start: int, temperature: float = 1.0,
-                       position_ids: torch.Tensor | None = None, with_raw: bool = False, with_entropy: bool = False,
-                       chunk_tokens: int = 512):
-    """Log-probs of the tokens in columns start.. (position t predicts token t+1): (log pi_T [B, T-start],
-    entropy of pi_T or None, temperature-1 log-probs or None), pi_T = softmax(logits / T), all float32.
+def pack_rows(lengths: list[int], capacity: int) -> list[list[int]]:
+    """First-fit-decreasing: sample indices per packed row, each row at most `capacity` tokens."""
+    rows: list[list[int]] = []
+    room: list[int] = []
+    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        slot = next((r for r, free in enumerate(room) if free >= lengths[i]), None)
+        if slot is None:
+            rows.append([])
+            room.append(capacity)
+            slot = len(rows) - 1
+        rows[slot].append(i)
+        room[slot] -= lengths[i]
+    return rows
 
-    The [B, T, V] logits are never built: the forward runs through the wrapped model (so DDP and DeepSpeed
-    see it) with the head on one position only, the final hidden states are taken from the decoder, and the
-    output head is applied `chunk_tokens` positions at a time, only where a label is scored, under
-    activation checkpointing so backward recomputes each chunk instead of keeping its logits."""
+
+def final_hidden_states(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+                        position_ids: torch.Tensor | None) -> torch.Tensor:
+    """The decoder's last hidden states [B, T, H], from a forward through the (wrapped) model with the head
+    on one position only: DDP and DeepSpeed see an ordinary forward."""
     inner = _unwrap(model)
     captured = []
     handle = inner.get_decoder().register_forward_hook(lambda module, args, out: captured.append(out[0]))
@@ -41,10 +50,56 @@ def causal_lm_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Ten
         model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False, logits_to_keep=1)
     finally:
         handle.remove()
-    hidden = captured[-1][:, start - 1 : -1]  # [B, R, H]
-    labels = input_ids[:, start:]  # [B, R]
-    head = inner.get_output_embeddings()
-    flat_h, flat_y = hidden.reshape(-1, hidden.shape[-1]), labels.reshape(-1)
+    return captured[-1]
+
+
+def causal_lm_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, start: int, temperature: float = 1.0,
+                       position_ids: torch.Tensor | None = None, with_raw: bool = False, with_entropy: bool = False,
+                       chunk_tokens: int = 512, pack: bool = False):
+    """Log-probs of the tokens in columns start.. (position t predicts token t+1): (log pi_T [B, T-start],
+    entropy of pi_T or None, temperature-1 log-probs or None), pi_T = softmax(logits / T), all float32.
+
+    The [B, T, V] logits are never built: the final hidden states come from the decoder (final_hidden_states)
+    and the output head is applied `chunk_tokens` positions at a time, only where a real token is scored,
+    under activation checkpointing so backward recomputes each chunk instead of keeping its logits.
+    pack=True drops the padding from the forward too: each row's real tokens (mask 1, left or right
+    padding) are packed first-fit into rows no longer than the longest sample, with positions restarting
+    at 0 per sample and no attention mask, which transformers' causal masks and the hybrid model read as
+    separate samples. Columns that are padding come back as 0."""
+    batch, width = input_ids.shape
+    real = attention_mask.bool()
+    # (row, column) of every scored token: a real token at column >= start that has a real token before it
+    index = (real.long().cumsum(-1) - 1)  # [B, T] position of each real token within its sample
+    scored = real.clone()
+    scored[:, :start] = False
+    scored &= index >= 1
+    rows, cols = scored.nonzero(as_tuple=True)
+    if pack:
+        lengths = real.sum(-1).tolist()
+        layout = pack_rows(lengths, max(lengths))
+        offset = [0] * batch  # where each sample starts in its packed row
+        packed_row = [0] * batch
+        packed_ids = torch.zeros((len(layout), max(lengths)), dtype=input_ids.dtype, device=input_ids.device)
+        packed_pos = torch.zeros_like(packed_ids)
+        for r, members in enumerate(layout):
+            at = 0
+            for i in members:
+                n = lengths[i]
+                packed_ids[r, at : at + n] = input_ids[i][real[i]]
+                packed_pos[r, at : at + n] = torch.arange(n, device=input_ids.device)
+                packed_row[i], offset[i] = r, at
+                at += n
+            if at < packed_ids.shape[1]:  # the row's tail: one more "sample" of padding, never scored
+                packed_pos[r, at:] = torch.arange(packed_ids.shape[1] - at, device=input_ids.device)
+        hidden = final_hidden_states(model, packed_ids, None, packed_pos)
+        where_row = torch.tensor(packed_row, device=input_ids.device)[rows]
+        where_col = torch.tensor(offset, device=input_ids.device)[rows] + index[rows, cols] - 1
+        flat_h = hidden[where_row, where_col]  # [n, H]: the state before each scored token
+    else:
+        hidden = final_hidden_states(model, input_ids, attention_mask, position_ids)
+        flat_h = hidden[rows, cols - 1]
+    flat_y = input_ids[rows, cols]
+    head = _unwrap(model).get_output_embeddings()
 
     def scores(h: torch.Tensor, y: torch.Tensor) -> torch.Tensor:  # [3, n]: log pi_T, entropy, log pi_1
         logits = head(h).float()
@@ -62,8 +117,35 @@ def causal_lm_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Ten
             parts.append(torch.utils.checkpoint.checkpoint(scores, h, y, use_reentrant=False))
         else:
             parts.append(scores(h, y))
-    logp, entropy, raw = torch.cat(parts, dim=1).view(3, *labels.shape)
+    values = torch.cat(parts, dim=1) if parts else flat_h.new_zeros((3, 0))
+    out = values.new_zeros((3, batch, width - start))
+    out[:, rows, cols - start] = values
+    logp, entropy, raw = out
     return logp, entropy if with_entropy else None, raw if with_raw else None
+
+
+@torch.no_grad()
+def packing_agrees(model, device, tolerance: float = 1e-3) -> bool:
+    """Whether this model reads packed rows (positions restarting at 0, no mask) as separate samples: the
+    packed and the padded log-probs of three short random samples, two of them sharing a row, must agree.
+    Models whose attention masks ignore position ids would let packed samples attend to each other."""
+    vocab = _unwrap(model).get_output_embeddings().weight.shape[0]
+    ids = torch.randint(0, vocab, (3, 12), generator=torch.Generator().manual_seed(0)).to(device)
+    mask = torch.ones_like(ids)
+    mask[0, :7] = 0  # 5 tokens, left-padded
+    mask[1, 6:] = 0  # 6 tokens, right-padded: packed into one row with the 5
+    position_ids = (mask.cumsum(-1) - 1).clamp_min(0)
+    was_training = model.training
+    model.eval()  # no dropout in the comparison
+    try:
+        padded = causal_lm_logprobs(model, ids, mask, 3, position_ids=position_ids)[0]
+        packed = causal_lm_logprobs(model, ids, mask, 3, position_ids=position_ids, pack=True)[0]
+    finally:
+        model.train(was_training)
+    worst = (padded - packed).abs().max().item()
+    if worst > tolerance:
+        print(f"note: packed and padded log-probs differ by {worst:.2g} on this model; train.padding_free is off")
+    return worst <= tolerance
 
 
 def right_pad(rows: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:

@@ -123,12 +123,13 @@ def path_batch(paths: list[ReasoningPath], pad_id: int, device) -> PathBatch:
     return PathBatch(ids, mask, reasoning, answer)
 
 
-def path_logprobs(model, batch: PathBatch, temperature: float, length_normalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def path_logprobs(model, batch: PathBatch, temperature: float, length_normalize: bool,
+                  pack: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """From one forward: log pi_T of every reasoning token [N, W-1] (0 outside the span) and
     r_k = log pi(A | Q, c_k) [N] at temperature 1 (optionally per answer token)."""
     # the head runs from the first scored column on (the shortest prompt's end), not over every prompt token
     first = int((batch.reasoning_mask + batch.answer_mask).sum(0).nonzero()[0])
-    sampled, _, model_logp = causal_lm_logprobs(model, batch.ids, batch.mask, first + 1, temperature, with_raw=True)
+    sampled, _, model_logp = causal_lm_logprobs(model, batch.ids, batch.mask, first + 1, temperature, with_raw=True, pack=pack)
     sampled, model_logp = (torch.nn.functional.pad(x, (first, 0)) for x in (sampled, model_logp))  # back to [N, W-1]
     reasoning_logp = sampled * batch.reasoning_mask
     answer_logp = (model_logp * batch.answer_mask).sum(1)
@@ -192,9 +193,9 @@ class ELOLoop(OnlineLoop):
         ref_logp = None
         if cfg.elo.kl_coef > 0:
             with torch.no_grad(), self.reference_context():
-                ref_logp, _ = path_logprobs(self.reference_model, batch, temperature, False)
+                ref_logp, _ = path_logprobs(self.reference_model, batch, temperature, False, self.pack)
         for epoch in range(cfg.elo.epochs_per_batch):
-            reasoning_logp, answer_logp = path_logprobs(self.policy, batch, temperature, cfg.elo.length_normalize)
+            reasoning_logp, answer_logp = path_logprobs(self.policy, batch, temperature, cfg.elo.length_normalize, self.pack)
             if epoch == 0:  # the sampling-time log-probs and the advantages stay fixed for the whole batch
                 old_logp = reasoning_logp.detach()
                 rewards = answer_logp.detach()
@@ -240,7 +241,7 @@ class ELOLoop(OnlineLoop):
         values = []
         for start in range(0, len(paths), 16):
             batch = path_batch(paths[start : start + 16], self.tokenizer.pad_token_id, self.device)
-            values.append(path_logprobs(self.policy, batch, 1.0, False)[1])
+            values.append(path_logprobs(self.policy, batch, 1.0, False, self.pack)[1])
         metrics["gold_answer_logp"] = torch.cat(values).mean().item() if values else float("nan")
         return metrics
 

@@ -31,7 +31,13 @@ from transformers import get_scheduler
 
 from m1_align.config import ConfigError, StageConfig
 from m1_align.evaluation.benchmarks import prompt_ids, verifiable_sets
-from m1_align.rl.common import CHECKPOINT_DIR, load_checkpoint, load_optimizers, save_checkpoint
+from m1_align.rl.common import (
+    CHECKPOINT_DIR,
+    load_checkpoint,
+    load_optimizers,
+    packing_agrees,
+    save_checkpoint,
+)
 from m1_align.rl.rollout import SamplingSettings, engine_max_len, make_engine, vllm_available
 from m1_align.runs import (
     DivergedError,
@@ -407,6 +413,8 @@ class OnlineLoop:
         model_dir = resolve_model_dir(cfg.model.path)
         self.tokenizer = load_tokenizer(cfg.model, model_dir)
         self._load_models(model_dir)
+        self.pack = cfg.train.padding_free and packing_agrees(self.policy, next(self.policy.parameters()).device,
+                                                              tolerance=1e-3 if dtype == torch.float32 else 5e-2)
         self.setup()
         total = self.total_steps()
         t = cfg.train

@@ -48,7 +48,7 @@ from m1_align.rl.algorithms import (
     value_loss,
     whiten,
 )
-from m1_align.rl.common import TokenValues, causal_lm_logprobs
+from m1_align.rl.common import TokenValues, causal_lm_logprobs, pack_rows
 from m1_align.rl.loop import OnlineLoop
 from m1_align.rl.rollout import Completion
 from m1_align.training import load_model, resolve_model_dir
@@ -77,12 +77,12 @@ def positions(mask: torch.Tensor) -> torch.Tensor:
 
 
 def response_logprobs(model, ids, mask, start: int, temperature: float = 1.0, with_entropy: bool = False,
-                      with_raw: bool = False):
+                      with_raw: bool = False, pack: bool = False):
     """log pi_T of the response tokens (columns start..end) [B, R], pi_T = softmax(logits / T); optionally the
     entropy of pi_T and the temperature-1 log-probs (the model's own distribution). The output head runs on
     the response positions only, in chunks (causal_lm_logprobs)."""
     return causal_lm_logprobs(model, ids, mask, start, temperature, position_ids=positions(mask), with_raw=with_raw,
-                              with_entropy=with_entropy)
+                              with_entropy=with_entropy, pack=pack)
 
 
 def response_values(critic, ids, mask, start: int) -> torch.Tensor:
@@ -243,6 +243,9 @@ class PPOLoop(OnlineLoop):
         if self.reduce_sum(torch.tensor(float(not samples))).item() > 0:  # every rank steps, or none does
             return {**metrics, "skipped": 1.0}
         ids, mask, start, engine_logp = self.batch(samples)
+        lengths = mask.sum(-1).tolist()  # what padding costs the forward passes, and what packing leaves of it
+        metrics["batch/padding_fraction"] = 1 - sum(lengths) / mask.numel()
+        metrics["batch/padding_fraction_packed"] = 1 - sum(lengths) / (len(pack_rows(lengths, max(lengths))) * max(lengths))
         response_mask = mask[:, start:].float()
         scores = torch.tensor([s.score for s in samples], device=self.device)
         groups = torch.arange(len(samples), device=self.device) // p.samples_per_prompt
@@ -250,11 +253,11 @@ class PPOLoop(OnlineLoop):
         t1 = time.time()
 
         with torch.no_grad():
-            old_logp, _, old_raw = response_logprobs(self.policy, ids, mask, start, temperature, with_raw=True)
+            old_logp, _, old_raw = response_logprobs(self.policy, ids, mask, start, temperature, with_raw=True, pack=self.pack)
             ref_logp = old_logp  # no KL anywhere: no reference model is kept
             if self.needs_reference:
                 with self.reference_context():
-                    ref_logp, _, _ = response_logprobs(self.reference_model, ids, mask, start, temperature)
+                    ref_logp, _, _ = response_logprobs(self.reference_model, ids, mask, start, temperature, pack=self.pack)
             old_values = response_values(critic, ids, mask, start) * response_mask if critic is not None else None
             kl = kl_penalty(old_logp, ref_logp, p.kl_estimator) * response_mask
             token_rewards = token_level_rewards(scores, kl, response_mask, self.kl_ctl.coef)
@@ -272,7 +275,8 @@ class PPOLoop(OnlineLoop):
         for _ in range(p.ppo_epochs):
             order = torch.randperm(len(samples))
             for batch in order.split(self.minibatch_size):
-                logp, entropy, _ = response_logprobs(self.policy, ids[batch], mask[batch], start, temperature, with_entropy=True)
+                logp, entropy, _ = response_logprobs(self.policy, ids[batch], mask[batch], start, temperature, with_entropy=True,
+                                                      pack=self.pack)
                 m = loss_mask[batch]
                 pg_loss, s = policy_loss(
                     logp, old_logp[batch], advantages[batch], m, p.clip_range, p.clip_range_high or p.clip_range,

@@ -1,0 +1,103 @@
+"""Policy log-probs on a real model: the full-logits computation against causal_lm_logprobs (the output head
+only on the scored positions, in checkpointed chunks), forward + backward, with this machine's fp32 matmul
+ceiling measured in the same run.
+
+    .venv/bin/python bench/bench_logprobs.py --model models/smollm2-135m-instruct
+
+Each variant runs in its own subprocess (peak memory is that process's maximum resident set size, minus
+its size after loading the model). The batch is an RL minibatch: B rows of a prompt and a response (random
+tokens). Throughput is counted as 6 x parameters x tokens per second (forward + backward) against the
+ceiling. Prints JSON and a table.
+"""
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+
+
+def ceiling_gflops(size: int = 2048, seconds: float = 2.0) -> float:
+    import torch
+
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    torch.mm(a, b)
+    done, begin = 0, time.perf_counter()
+    while time.perf_counter() - begin < seconds:
+        torch.mm(a, b)
+        done += 1
+    return 2 * size**3 * done / (time.perf_counter() - begin) / 1e9
+
+
+def variant(args) -> dict:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from m1_align.rl.common import causal_lm_logprobs
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
+    params = sum(p.numel() for p in model.parameters())
+    ids = torch.randint(100, model.config.vocab_size, (args.batch, args.prompt + args.response))
+    mask = torch.ones_like(ids)
+    start = args.prompt
+    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+    def full():
+        logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits[:, start - 1 : -1]
+        rows = [(r.float() / 0.7).gather(-1, y[:, None]).squeeze(-1) - (r.float() / 0.7).logsumexp(-1)
+                for r, y in zip(logits, ids[:, start:], strict=True)]
+        return torch.stack(rows)
+
+    def chunked():
+        return causal_lm_logprobs(model, ids, mask, start, 0.7)[0]
+
+    compute = {"full": full, "chunked": chunked}[args.variant]
+    times = []
+    for _ in range(args.repeats + 1):
+        model.zero_grad(set_to_none=True)
+        begin = time.perf_counter()
+        compute().sum().backward()
+        times.append(time.perf_counter() - begin)
+    seconds = sorted(times[1:])[len(times[1:]) // 2]  # median after a warm-up
+    tokens = ids.numel()
+    return {"variant": args.variant, "seconds": seconds, "tokens_per_s": tokens / seconds,
+            "gflops": 6 * params * tokens / seconds / 1e9, "peak_rss_mb": (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="models/smollm2-135m-instruct")
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--prompt", type=int, default=128)
+    parser.add_argument("--response", type=int, default=128)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--variant", choices=["full", "chunked"], help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.variant:
+        print("RESULT " + json.dumps(variant(args)))
+        return
+    ceiling = ceiling_gflops()
+    results = []
+    for name in ("full", "chunked"):
+        out = subprocess.run([sys.executable, __file__, *sys.argv[1:], "--variant", name], capture_output=True, text=True)
+        line = next((x for x in out.stdout.splitlines() if x.startswith("RESULT ")), None)
+        if line is None:
+            sys.exit(out.stderr[-3000:])
+        results.append(json.loads(line[7:]))
+    full, chunked = results
+    summary = {"fp32_matmul_ceiling_gflops": ceiling, "results": results,
+               "chunked_vs_full_time": chunked["seconds"] / full["seconds"],
+               "chunked_vs_full_peak_mem": chunked["peak_rss_mb"] / full["peak_rss_mb"]}
+    print(json.dumps(summary, indent=1))
+    print(f"\nfp32 matmul ceiling {ceiling:.0f} GFLOP/s; batch {args.batch} x ({args.prompt} prompt + {args.response} response) tokens")
+    print("| variant | fwd+bwd s | tokens/s | % of ceiling | peak memory over the loaded model |")
+    print("|---|---|---|---|---|")
+    for r in results:
+        print(f"| {r['variant']} | {r['seconds']:.2f} | {r['tokens_per_s']:.0f} | {100 * r['gflops'] / ceiling:.0f}% | {r['peak_rss_mb']:.0f} MB |")
+    print(f"chunked / full: time {summary['chunked_vs_full_time']:.2f}x, peak memory {summary['chunked_vs_full_peak_mem']:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
