@@ -75,8 +75,9 @@ def trl(args, out: Path) -> tuple[list[float], float]:
     done = subprocess.run([sys.executable, "-c", PEAK.format(body=body), "trl", str(model_dir), str(out), str(args.steps),
                            str(args.prompts), str(args.samples), str(args.new_tokens), args.data_cache],
                           capture_output=True, text=True)
-    if done.returncode:
-        return [], float("nan")  # said so in the table
+    if done.returncode:  # said so in the table, with TRL's own last words
+        print("TRL GRPOTrainer did not run here:\n" + done.stderr[-1500:], file=sys.stderr)
+        return [], float("nan")
     line = next(line for line in done.stdout.splitlines() if line.startswith("STEP_TIMES"))
     return json.loads(line.split(" ", 1)[1]), peak_gib(done.stderr)
 

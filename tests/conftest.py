@@ -64,9 +64,11 @@ def tiny_model_dir(tokenizer_dir, tmp_path_factory):
 
 def stage_overrides(data_cache, output_dir, model_dir=None, **extra) -> dict:
     """Config values that point a stage at the session's small data and a tmp output folder."""
-    values = {"output_dir": str(output_dir), "data": {"cache_dir": str(data_cache), **SMALL_DATA}}
+    # float32: the tests compare numbers at fp32 tolerances; dtype=auto would pick bf16 autocast on CPUs
+    # with fast bf16 matmuls (tests/test_hf_models.py checks that choice)
+    values = {"output_dir": str(output_dir), "data": {"cache_dir": str(data_cache), **SMALL_DATA}, "model": {"dtype": "float32"}}
     if model_dir is not None:
-        values["model"] = {"path": str(model_dir)}
+        values["model"]["path"] = str(model_dir)
     for key, value in extra.items():
         node = values
         *parents, leaf = key.split(".")

@@ -124,8 +124,8 @@ def test_dtype_auto_keeps_fp32_weights_and_autocasts_only_where_bf16_is_faster(m
     from m1_align import training
 
     assert isinstance(training.bf16_matmul_faster(size=256, seconds=0.05), bool)  # the probe itself runs
-    cfg = config("sft", data_cache, tmp_path / "out", tiny_llama_dir)
-    assert cfg.model.dtype == "auto" and training.resolve_dtype("auto") == torch.float32
+    cfg = config("sft", data_cache, tmp_path / "out", tiny_llama_dir, **{"model.dtype": "auto"})
+    assert training.resolve_dtype("auto") == torch.float32
     for faster in (True, False):
         monkeypatch.setattr(training, "bf16_matmul_faster", lambda *a, faster=faster, **k: faster)
         expected = torch.bfloat16 if faster or torch.cuda.is_available() else torch.float32
