@@ -1,6 +1,7 @@
 """Policy log-probs on a real model: the full-logits computation against causal_lm_logprobs (the output head
-only on the scored positions, in checkpointed chunks), forward + backward, with this machine's fp32 matmul
-ceiling measured in the same run.
+only on the scored positions, in checkpointed chunks), in fp32 and under bf16 autocast (fp32 weights, what
+model.dtype=auto picks where bf16 matmuls are faster), forward + backward, with this machine's fp32 and bf16
+matmul ceilings measured in the same run.
 
     .venv/bin/python bench/bench_logprobs.py --model models/smollm2-135m-instruct
 
@@ -17,11 +18,13 @@ import subprocess
 import sys
 import time
 
+VARIANTS = ("full", "chunked", "chunked-bf16-autocast")
 
-def ceiling_gflops(size: int = 2048, seconds: float = 2.0) -> float:
+
+def ceiling_gflops(dtype: str = "float32", size: int = 2048, seconds: float = 2.0) -> float:
     import torch
 
-    a, b = torch.randn(size, size), torch.randn(size, size)
+    a, b = torch.randn(size, size, dtype=getattr(torch, dtype)), torch.randn(size, size, dtype=getattr(torch, dtype))
     torch.mm(a, b)
     done, begin = 0, time.perf_counter()
     while time.perf_counter() - begin < seconds:
@@ -53,12 +56,15 @@ def variant(args) -> dict:
     def chunked():
         return causal_lm_logprobs(model, ids, mask, start, 0.7)[0]
 
-    compute = {"full": full, "chunked": chunked}[args.variant]
+    compute = {"full": full, "chunked": chunked, "chunked-bf16-autocast": chunked}[args.variant]
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.variant.endswith("autocast"))
     times = []
     for _ in range(args.repeats + 1):
         model.zero_grad(set_to_none=True)
         begin = time.perf_counter()
-        compute().sum().backward()
+        with autocast:
+            loss = compute().sum()
+        loss.backward()
         times.append(time.perf_counter() - begin)
     seconds = sorted(times[1:])[len(times[1:]) // 2]  # median after a warm-up
     tokens = ids.numel()
@@ -73,30 +79,34 @@ def main() -> None:
     parser.add_argument("--prompt", type=int, default=128)
     parser.add_argument("--response", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--variant", choices=["full", "chunked"], help=argparse.SUPPRESS)
+    parser.add_argument("--variant", choices=VARIANTS, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.variant:
         print("RESULT " + json.dumps(variant(args)))
         return
-    ceiling = ceiling_gflops()
+    ceilings = {dtype: ceiling_gflops(dtype) for dtype in ("float32", "bfloat16")}
     results = []
-    for name in ("full", "chunked"):
+    for name in VARIANTS:
         out = subprocess.run([sys.executable, __file__, *sys.argv[1:], "--variant", name], capture_output=True, text=True)
         line = next((x for x in out.stdout.splitlines() if x.startswith("RESULT ")), None)
         if line is None:
             sys.exit(out.stderr[-3000:])
         results.append(json.loads(line[7:]))
-    full, chunked = results
-    summary = {"fp32_matmul_ceiling_gflops": ceiling, "results": results,
+    full, chunked, bf16 = results
+    best = max(ceilings.values())
+    summary = {"matmul_ceiling_gflops": ceilings, "results": results,
                "chunked_vs_full_time": chunked["seconds"] / full["seconds"],
-               "chunked_vs_full_peak_mem": chunked["peak_rss_mb"] / full["peak_rss_mb"]}
+               "chunked_vs_full_peak_mem": chunked["peak_rss_mb"] / full["peak_rss_mb"],
+               "bf16_autocast_vs_fp32_time": bf16["seconds"] / chunked["seconds"]}
     print(json.dumps(summary, indent=1))
-    print(f"\nfp32 matmul ceiling {ceiling:.0f} GFLOP/s; batch {args.batch} x ({args.prompt} prompt + {args.response} response) tokens")
-    print("| variant | fwd+bwd s | tokens/s | % of ceiling | peak memory over the loaded model |")
-    print("|---|---|---|---|---|")
+    print(f"\nmatmul ceilings (2048^3): fp32 {ceilings['float32']:.0f}, bf16 {ceilings['bfloat16']:.0f} GFLOP/s; "
+          f"batch {args.batch} x ({args.prompt} prompt + {args.response} response) tokens")
+    print("| variant | fwd+bwd s | tokens/s | GFLOP/s (6 x params x tokens/s) | % of the faster dtype's ceiling | peak memory over the loaded model |")
+    print("|---|---|---|---|---|---|")
     for r in results:
-        print(f"| {r['variant']} | {r['seconds']:.2f} | {r['tokens_per_s']:.0f} | {100 * r['gflops'] / ceiling:.0f}% | {r['peak_rss_mb']:.0f} MB |")
-    print(f"chunked / full: time {summary['chunked_vs_full_time']:.2f}x, peak memory {summary['chunked_vs_full_peak_mem']:.2f}x")
+        print(f"| {r['variant']} | {r['seconds']:.2f} | {r['tokens_per_s']:.0f} | {r['gflops']:.0f} | {100 * r['gflops'] / best:.0f}% | {r['peak_rss_mb']:.0f} MB |")
+    print(f"chunked / full: time {summary['chunked_vs_full_time']:.2f}x, peak memory {summary['chunked_vs_full_peak_mem']:.2f}x; "
+          f"bf16 autocast / fp32 (chunked): time {summary['bf16_autocast_vs_fp32_time']:.2f}x")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,76 @@
+"""The README's results tables: held-out metrics of every stage over several seeds of a pipeline.
+
+    .venv/bin/python scripts/seed_table.py runs/smollm2-seed42 runs/smollm2-seed43 runs/smollm2-seed44
+
+Reads <run_dir>/<stage>/eval/eval.json (and base/eval/eval.json). One run: each accuracy with its 95%
+Wilson interval. Several: mean ± population standard deviation over the runs, each run's value in
+brackets, and the Wilson interval of the pooled count (all runs' questions together).
+"""
+
+import json
+import math
+import statistics
+import sys
+from pathlib import Path
+
+STAGES = ("base", "pretrain", "sft", "elo", "tdpo", "ppo", "grpo")
+ROWS = [  # (metric, label, count key or None)
+    ("verifiable/accuracy", "verifiable tasks, answer accuracy", "verifiable/n"),
+    ("verifiable/elixhauser/accuracy", "  Elixhauser category", None),
+    ("verifiable/hpo_disease_mcq/accuracy", "  phenotypes -> disease (4 options)", None),
+    ("verifiable/icd_code/accuracy", "  ICD-10 code", None),
+    ("verifiable/abbreviation/accuracy", "  abbreviation", None),
+    ("verifiable/gold_answer_logp", "gold-answer log-likelihood after its own reasoning (nats)", None),
+    ("mmlu_medical/accuracy_generation", "MMLU-medical, letter from free generation", "mmlu_medical/n_generation"),
+    ("mmlu_medical/accuracy_loglik", "MMLU-medical, option log-likelihood", "mmlu_medical/n"),
+]
+
+
+def wilson(successes: float, n: int, z: float = 1.96) -> tuple[float, float]:
+    if n == 0:
+        return float("nan"), float("nan")
+    p = successes / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def load(run: Path) -> dict[str, dict]:
+    found = {}
+    for stage in STAGES:
+        path = run / stage / "eval" / "eval.json"
+        if path.is_file():
+            found[stage] = json.loads(path.read_text())
+    return found
+
+
+def cell(values: list[float], counts: list[int] | None) -> str:
+    if not values:
+        return "–"
+    mean = statistics.fmean(values)
+    text = f"{mean:.3f}" if len(values) == 1 else f"{mean:.3f} ± {statistics.pstdev(values):.3f} ({', '.join(f'{v:.3f}' for v in values)})"
+    if counts:
+        low, high = wilson(sum(v * n for v, n in zip(values, counts, strict=True)), sum(counts))
+        text += f" [{low:.3f}, {high:.3f}]"
+    return text
+
+
+def main(runs: list[str]) -> None:
+    results = [load(Path(r)) for r in runs]
+    stages = [s for s in STAGES if any(s in r for r in results)]
+    print(f"runs: {', '.join(runs)}\n")
+    print("| held-out metric | " + " | ".join(stages) + " |")
+    print("|---|" + "---|" * len(stages))
+    for key, label, count_key in ROWS:
+        cells = []
+        for stage in stages:
+            present = [r[stage] for r in results if stage in r and key in r[stage]]
+            values = [m[key] for m in present]
+            counts = [int(m[count_key]) for m in present] if count_key else None
+            cells.append(cell(values, counts))
+        n = next((int(r[s][count_key]) for r in results for s in stages if count_key and s in r and count_key in r[s]), None)
+        print(f"| {label}{f' ({n})' if n else ''} | " + " | ".join(cells) + " |")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
