@@ -6,6 +6,7 @@ import argparse
 import errno
 import importlib
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -30,19 +31,37 @@ STAGES: dict[str, tuple[str | None, str]] = {
 # Raised for bad input (paths, data files, finished outputs, missing data packages), not for bugs.
 USER_ERRORS = {"OutputExistsError", "OutputDirError", "ModelPathError", "DataError", "MissingSourceError", "LeakError",
                "UserInputError", "GGUFImportError", "DivergedError", "IncompleteCheckpointError"}
-DISK_FULL = ("No space left on device", "os error 28", "file write failed", "Disk quota exceeded")
+DISK_FULL = ("No space left on device", "os error 28", "Disk quota exceeded")
+# what torch's and safetensors' writers say when a write fails half-way; a full disk if the disk is full
+WRITE_FAILED = ("file write failed", "iostream error", "unexpected pos")
 
 
-def _user_message(err: BaseException) -> str | None:
+def _free_bytes(path: str | None) -> int | None:
+    if not path:
+        return None
+    folder = Path(path).resolve()
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    return shutil.disk_usage(folder).free
+
+
+def _user_message(err: BaseException, output_dir: str | None = None) -> str | None:
     """One line for an error the user can fix, or None to keep the traceback (a bug)."""
     if isinstance(err, ConfigError) or type(err).__name__ in USER_ERRORS:
         return str(err)
-    text = str(err)
-    # torch and safetensors wrap ENOSPC in RuntimeError / SafetensorError: recognise it by its text
-    if (isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT)) or any(s in text for s in DISK_FULL):
-        where = getattr(err, "filename", None) or "the output folder"
-        return (f"disk full while writing {where}: free space there (df -h) or choose an output_dir on another disk, "
-                "then run the same command again to resume from the last checkpoint")
+    chain, cause = [], err
+    while cause is not None:  # torch raises its own error in place of the failed write's
+        chain.append(cause)
+        cause = cause.__cause__ or cause.__context__
+    texts = " ".join(str(e) for e in chain)
+    no_space = any(isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT) for e in chain) or any(
+        s in texts for s in DISK_FULL)
+    free = _free_bytes(output_dir)
+    if no_space or (any(s in texts for s in WRITE_FAILED) and free is not None and free < 64 * 2**20):
+        where = next((e.filename for e in chain if getattr(e, "filename", None)), None) or output_dir or "the output folder"
+        left = f" ({free / 2**20:.1f} MiB free)" if free is not None else ""
+        return (f"disk full while writing {where}{left}: free space there (df -h) or choose an output_dir on another "
+                "disk, then run the same command again to resume from the last checkpoint")
     if isinstance(err, OSError) and err.errno in (errno.EROFS, errno.EACCES, errno.EPERM) and err.filename:
         return f"cannot write {err.filename} ({err.strerror}); choose an output_dir you can write to"
     return None
@@ -131,6 +150,7 @@ def _run_stage(stage: str, args: argparse.Namespace) -> int:
     if stage in ("eval", "rm-eval"):
         _split_inputs(args)
     config = _load(stage, args)
+    args.output_hint = getattr(config, "output_dir", None) or getattr(config, "run_dir", None)
     if args.print_config:
         print(dump_config(config), end="")
         return 0
@@ -180,7 +200,7 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         return _run_stage(args.command, args)
     except Exception as err:  # errors a user can fix get one line; anything else keeps its traceback
-        message = _user_message(err)
+        message = _user_message(err, getattr(args, "output_hint", None))
         if message is None:
             raise
         print(f"error: {message}", file=sys.stderr)

@@ -273,8 +273,8 @@ def test_a_torn_metrics_line_is_dropped_with_a_note(tmp_path, capsys):
 
 @pytest.mark.parametrize("error, expected", [
     (OSError(errno.ENOSPC, "No space left on device", "/runs/x/model.safetensors"), "disk full while writing /runs/x/model.safetensors"),
-    (RuntimeError("[enforce fail at inline_container.cc:626] . PytorchStreamWriter failed writing file data/0: file write failed"),
-     "disk full while writing the output folder"),
+    # a failed write is called a full disk only when the disk is full (test_a_full_disk_is_one_line_and_says_so)
+    (RuntimeError("[enforce fail at inline_container.cc:626] . PytorchStreamWriter failed writing file data/0: file write failed"), None),
     (OSError(errno.EROFS, "Read-only file system", "/mnt/ro/run"), "cannot write /mnt/ro/run (Read-only file system)"),
     (RuntimeError("a bug"), None),
 ])
@@ -295,3 +295,21 @@ def test_import_m1_align_registers_the_hybrid_model_lazily(tiny_model_dir):
     for source, expected in ((code, "BaichuanM1ForCausalLM"), (later, "BaichuanM1Config")):
         out = subprocess.run([sys.executable, "-c", source], capture_output=True, text=True, env=env)
         assert out.returncode == 0 and out.stdout.strip().splitlines()[-1] == expected, out.stderr[-2000:]
+
+
+def test_a_full_disk_is_one_line_and_says_so(good, tmp_path, capsys):
+    """A real full disk: the output folder on a 1 MiB tmpfs, so the first checkpoint cannot be written."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(disk)], capture_output=True, text=True)
+    if mounted.returncode:
+        pytest.skip(f"cannot mount a small tmpfs here ({mounted.stderr.strip()}); test_file_system_faults_become_one_line covers the message")
+    try:
+        argv = ["sft", f"output_dir={disk / 'out'}", f"model.path={good.model}", *good.data, "train.max_steps=2",
+                "train.save_steps=1", "train.batch_size=2", "train.max_length=128", "train.eval_limit=1"]
+        assert main(argv) == 2
+        errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error: ")]
+        assert len(errors) == 1 and errors[0].startswith("error: disk full while writing"), errors
+        assert "MiB free" in errors[0] and "run the same command again to resume" in errors[0]
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], check=False)  # lazy: the failed run may still hold a file open
