@@ -28,8 +28,8 @@ def ours(command: str, estimator: str, args, out: Path) -> tuple[list[dict], flo
         f"output_dir={out}", f"model.path={args.model}", "rollout.engine=hf", f"train.max_steps={args.steps}",
         "train.eval_limit=1", "reward.mode=rule", f"ppo.prompts_per_step={args.prompts}",
         f"ppo.samples_per_prompt={args.samples}", f"ppo.minibatch_size={args.prompts * args.samples}", "ppo.ppo_epochs=1",
-        f"ppo.advantage_estimator={estimator}", f"rollout.max_new_tokens={args.new_tokens}", "train.save_steps=1000",
-        f"data.cache_dir={args.data_cache}", "ppo.missing_eos_penalty=0",
+        f"ppo.advantage_estimator={estimator}", *(["ppo.kl_loss_coef=0"] if estimator == "grpo" else []),  # TRL's beta=0 f"rollout.max_new_tokens={args.new_tokens}", "train.save_steps=1000",
+        f"data.cache_dir={args.data_cache}", "ppo.missing_eos_penalty=0", "model.dtype=float32",  # TRL runs fp32 too
     ]
     body = "from m1_align.cli import main; main()"
     done = subprocess.run([sys.executable, "-c", PEAK.format(body=body), "m1-align", command, *overrides],

@@ -252,8 +252,14 @@ class PPOLoop(OnlineLoop):
         truncated = torch.tensor([s.completion.finish_reason != "stop" for s in samples], device=self.device)
         t1 = time.time()
 
+        # One update per step and no KL in the reward: the sampling-time log-probs are those of the policy's
+        # own training forward (detached), so the separate no-grad pass over the batch is skipped
+        on_policy = p.ppo_epochs == 1 and len(samples) <= self.minibatch_size and p.kl_coef == 0
         with torch.no_grad():
-            old_logp, _, old_raw = response_logprobs(self.policy, ids, mask, start, temperature, with_raw=True, pack=self.pack)
+            if on_policy:
+                old_logp = old_raw = torch.zeros_like(response_mask)  # filled in by the training forward below
+            else:
+                old_logp, _, old_raw = response_logprobs(self.policy, ids, mask, start, temperature, with_raw=True, pack=self.pack)
             ref_logp = old_logp  # no KL anywhere: no reference model is kept
             if self.needs_reference:
                 with self.reference_context():
@@ -264,7 +270,7 @@ class PPOLoop(OnlineLoop):
             advantages, returns = self.advantages(scores, groups, token_rewards, old_values, response_mask)
             # the engine's own numerics against the trainer's, both of the model's (temperature-1) distribution
             mismatch = ((old_raw - engine_logp).abs() * response_mask)
-            weights = tis_weights(old_raw, engine_logp, p.tis_cap) if p.tis_cap else None
+            weights = tis_weights(old_raw, engine_logp, p.tis_cap) if p.tis_cap and not on_policy else None
             # DAPO's overlong filtering: truncated responses teach nothing about how to end
             loss_mask = response_mask * (~truncated[:, None]).float() if p.mask_truncated else response_mask
         t2 = time.time()
@@ -275,8 +281,16 @@ class PPOLoop(OnlineLoop):
         for _ in range(p.ppo_epochs):
             order = torch.randperm(len(samples))
             for batch in order.split(self.minibatch_size):
-                logp, entropy, _ = response_logprobs(self.policy, ids[batch], mask[batch], start, temperature, with_entropy=True,
-                                                      pack=self.pack)
+                logp, entropy, raw = response_logprobs(self.policy, ids[batch], mask[batch], start, temperature, with_entropy=True,
+                                                        with_raw=on_policy, pack=self.pack)
+                if on_policy:  # the whole batch in one minibatch, before any update
+                    old_logp, old_raw = torch.zeros_like(logp), torch.zeros_like(raw)
+                    old_logp[batch], old_raw[batch] = logp.detach(), raw.detach()
+                    if not self.needs_reference:
+                        ref_logp = old_logp
+                    mismatch = (old_raw - engine_logp).abs() * response_mask
+                    weights = tis_weights(old_raw, engine_logp, p.tis_cap) if p.tis_cap else None
+                    kl = kl_penalty(old_logp, ref_logp, p.kl_estimator) * response_mask  # logged, not in the reward
                 m = loss_mask[batch]
                 pg_loss, s = policy_loss(
                     logp, old_logp[batch], advantages[batch], m, p.clip_range, p.clip_range_high or p.clip_range,
