@@ -209,7 +209,7 @@ def torchrun(stage: str, overrides: dict, processes: int = 2):
 def cli_overrides(data_cache, out, model_dir, values: dict) -> dict:
     from conftest import SMALL_DATA
 
-    return {"output_dir": out, "model.path": model_dir, "data.cache_dir": data_cache,
+    return {"output_dir": out, "model.path": model_dir, "model.dtype": "float32", "data.cache_dir": data_cache,
             **{f"data.{k}": v for k, v in SMALL_DATA.items()}, **values}
 
 
