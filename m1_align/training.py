@@ -65,9 +65,7 @@ def check_model_dir(path: Path) -> None:
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
             raise ModelPathError(f"{config_file} is not valid UTF-8 JSON ({e}); restore the model's config.json") from None
         model_type = config.get("model_type") if isinstance(config, dict) else None
-        from transformers import CONFIG_MAPPING
-
-        import m1_align.model  # noqa: F401  (registers baichuan_m1)
+        from transformers import CONFIG_MAPPING  # baichuan_m1 is in it: `import m1_align` registers it
 
         if model_type not in CONFIG_MAPPING and not config.get("auto_map"):
             import transformers
@@ -95,11 +93,7 @@ def check_inputs(cfg: StageConfig) -> None:
     one line and leaves a finished run where it was. Model folders (and the reward model), the tokenizer,
     user data files (shape, encoding, rule names, degenerate rows), the DeepSpeed config."""
     if cfg.model.path and cfg.model.path != "previous":
-        model_dir = resolve_model_dir(cfg.model.path)
-        tokenizer_dir = Path(cfg.model.tokenizer or model_dir)
-        if not any((tokenizer_dir / name).is_file() for name in TOKENIZER_FILES):
-            raise ModelPathError(f"no tokenizer in {tokenizer_dir} (none of {', '.join(TOKENIZER_FILES)}); copy the "
-                                 "tokenizer files there or set model.tokenizer to a folder that has them")
+        require_tokenizer(Path(cfg.model.tokenizer or resolve_model_dir(cfg.model.path)))
     reward_model = getattr(getattr(cfg, "reward", None), "model", None)
     if reward_model:
         resolve_model_dir(reward_model)
@@ -148,8 +142,8 @@ _PROBE: dict[str, bool] = {}
 
 def bf16_matmul_faster(size: int = 1024, seconds: float = 0.25) -> bool:
     """A ~1 s probe, once per process: bf16 against fp32 matmul throughput on this CPU with the current
-    thread count (AMX CPUs run bf16 about twice as fast as fp32; CPUs with only avx512_bf16 can run it at
-    half). bf16 must win by 10% to be chosen, since autocast adds casts."""
+    thread count (two CPUs with the same avx512_bf16 flag measured 2.2x and 0.5x fp32: the flag does not
+    tell). bf16 must win by 10% to be chosen, since autocast adds casts."""
     key = f"{torch.get_num_threads()}"
     if key not in _PROBE:
         rates = {}
@@ -167,11 +161,15 @@ def bf16_matmul_faster(size: int = 1024, seconds: float = 0.25) -> bool:
     return _PROBE[key]
 
 
+def require_tokenizer(folder: Path) -> None:
+    if not any((folder / name).is_file() for name in TOKENIZER_FILES):
+        raise ModelPathError(f"no tokenizer in {folder} (none of {', '.join(TOKENIZER_FILES)}); copy the tokenizer "
+                             "files there or set model.tokenizer to a folder that has them")
+
+
 def load_tokenizer(cfg: ModelConfig, model_dir: Path):
     source = Path(cfg.tokenizer or model_dir)
-    if not any((source / name).is_file() for name in TOKENIZER_FILES):
-        raise ModelPathError(f"no tokenizer in {source} (none of {', '.join(TOKENIZER_FILES)}); copy the tokenizer "
-                             "files there or set model.tokenizer to a folder that has them")
+    require_tokenizer(source)
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(source), trust_remote_code=cfg.trust_remote_code)
     except (OSError, ValueError, UnicodeDecodeError, json.JSONDecodeError) as e:
@@ -184,9 +182,7 @@ def load_tokenizer(cfg: ModelConfig, model_dir: Path):
 
 
 def load_model(cfg: ModelConfig, kind: str = "causal_lm", model_dir: Path | None = None, **kwargs: Any):
-    """Load the hybrid model or any HF model; registers the hybrid model with the Auto classes first."""
-    import m1_align.model  # noqa: F401  (registers baichuan_m1 with AutoConfig / AutoModel*)
-
+    """Load the hybrid model (registered with the Auto classes by `import m1_align`) or any HF model."""
     model_dir = model_dir or resolve_model_dir(cfg.path)
     _init_deepspeed_comm()
     auto = AutoModelForCausalLM if kind == "causal_lm" else AutoModelForSequenceClassification

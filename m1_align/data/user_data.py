@@ -104,24 +104,23 @@ def _read_rows(path: Path, kind: str) -> Iterator[tuple[str, dict[str, Any]]]:
 def _read_jsonl(path: Path, kind: str) -> Iterator[tuple[str, dict[str, Any]]]:
     if path.stat().st_size == 0:
         raise DataError(f"{path.name}: file is empty; expected {_shape(path, kind)}")
-    try:
-        path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise DataError(f"{path.name}: not UTF-8 text (byte {e.start}); save the file as UTF-8") from None
     with path.open(encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{path.name} line {number}"
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{where}: not valid JSON ({e}); expected {_shape(path, kind)}") from None
-            if not isinstance(row, dict):
-                raise DataError(
-                    f"{where}: a JSON {type(row).__name__}, not an object; expected {_shape(path, kind)}"
-                )
-            yield where, row
+        try:
+            for number, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                where = f"{path.name} line {number}"
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise DataError(f"{where}: not valid JSON ({e}); expected {_shape(path, kind)}") from None
+                if not isinstance(row, dict):
+                    raise DataError(
+                        f"{where}: a JSON {type(row).__name__}, not an object; expected {_shape(path, kind)}"
+                    )
+                yield where, row
+        except UnicodeDecodeError as e:
+            raise DataError(f"{path.name}: not UTF-8 text ({e.reason}); save the file as UTF-8") from None
 
 
 def _read_parquet(path: Path, kind: str) -> Iterator[tuple[str, dict[str, Any]]]:
