@@ -22,18 +22,21 @@ def _register_with_transformers() -> None:
 
 
 class _RegisterAfterTransformers(importlib.abc.MetaPathFinder):
-    """Runs the registration right after `transformers` finishes importing, then removes itself."""
+    """Runs the registration right after `transformers` finishes importing, then removes itself. It stays
+    in place until then: libraries probe with importlib.util.find_spec("transformers") without importing."""
 
     def find_spec(self, name, path=None, target=None):
         if name != "transformers":
             return None
-        sys.meta_path.remove(self)
-        spec = importlib.util.find_spec(name)
+        spec = next((s for f in sys.meta_path if f is not self and hasattr(f, "find_spec")
+                     for s in [f.find_spec(name, path, target)] if s is not None), None)
         if spec is not None and spec.loader is not None:
             execute = spec.loader.exec_module
 
             def exec_module(module):
                 execute(module)
+                if self in sys.meta_path:
+                    sys.meta_path.remove(self)
                 _register_with_transformers()
 
             spec.loader.exec_module = exec_module

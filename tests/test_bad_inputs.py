@@ -286,7 +286,9 @@ def test_file_system_faults_become_one_line(error, expected):
 def test_import_m1_align_registers_the_hybrid_model_lazily(tiny_model_dir):
     """`import m1_align` stays cheap (transformers is not imported), and once the user imports transformers
     the Auto classes load a Baichuan-M1 folder without trust_remote_code; either import order works."""
-    code = ("import sys; import m1_align; assert 'transformers' not in sys.modules; "
+    # find_spec first: trl, peft and accelerate probe for transformers that way before importing it
+    code = ("import importlib.util, sys; import m1_align; assert 'transformers' not in sys.modules; "
+            "assert importlib.util.find_spec('transformers') is not None; "
             "from transformers import AutoModelForCausalLM; "
             f"print(type(AutoModelForCausalLM.from_pretrained({str(tiny_model_dir)!r})).__name__)")
     later = ("import transformers, m1_align; from transformers import AutoConfig; "
