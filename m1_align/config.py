@@ -124,6 +124,9 @@ class RolloutConfig(Section):
     tensor_parallel_size: int = Field(1, ge=1)
     enforce_eager: bool = True  # skip graph capture/compilation: starts in seconds
     in_process: bool = True  # VLLM_ENABLE_V1_MULTIPROCESSING=0
+    # seed each prompt's samples by (seed, step, its place in the step's global batch): the same samples on any
+    # number of processes, at the cost of sampling prompt by prompt on CPU
+    seed_per_prompt: bool = False
 
 
 class StageConfig(Section):

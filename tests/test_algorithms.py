@@ -81,6 +81,16 @@ def test_loss_aggregation_by_hand(mode, expected):
     assert agg_loss(LOSS, LMASK, mode, max_length=8).item() == pytest.approx(expected)
 
 
+def test_token_mean_over_two_ranks_is_the_global_token_mean():
+    """Rank 0 holds the 3-token response, rank 1 the 1-token one. Data parallelism averages the ranks'
+    losses (their gradients); dividing each by the ranks' mean token count gives the global token mean,
+    (1+2+3+4)/4 = 2.5, where local means would give ((1+2+3)/3 + 4/1)/2 = 3."""
+    counts = LMASK.sum(1)
+    rank_mean = lambda count: counts.mean()  # noqa: E731  what the all-reduce returns on either rank
+    per_rank = [agg_loss(LOSS[r : r + 1], LMASK[r : r + 1], "token_mean", mean_over_ranks=rank_mean) for r in (0, 1)]
+    assert (sum(per_rank) / 2).item() == pytest.approx(agg_loss(LOSS, LMASK, "token_mean").item()) == pytest.approx(2.5)
+
+
 def test_loss_aggregation_rejects_unknown_modes():
     with pytest.raises(ValueError, match="unknown loss aggregation"):
         agg_loss(LOSS, LMASK, "mean")

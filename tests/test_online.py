@@ -241,6 +241,35 @@ def test_elo_on_two_deepspeed_processes_equals_one_process(data_cache, sft_model
 
 
 @pytest.mark.slow
+def test_grpo_on_two_deepspeed_processes_equals_one_process(data_cache, sft_model_dir, one_answer_prompts, tmp_path):
+    """Data-parallel GRPO (ZeRO-2, each rank samples and trains on half of the prompts) takes the same steps as
+    one process on the whole batch. Each prompt's samples are seeded by its place in the global batch
+    (rollout.seed_per_prompt), so both runs draw the same responses at temperature 1. Their lengths differ from
+    rank to rank, so the token-mean loss must divide by the global token count, not the rank's own."""
+    from m1_align.rl.ppo import run_grpo
+
+    values = {**ONLINE, "rollout.engine": "hf", "rollout.seed_per_prompt": True, "reward.mode": "rule",
+              "ppo.advantage_estimator": "grpo", "ppo.prompts_per_step": 4, "ppo.samples_per_prompt": 4,
+              "ppo.minibatch_size": 16, "ppo.ppo_epochs": 1, "ppo.kl_coef": 0.0, "ppo.kl_loss_coef": 0.0,
+              "ppo.missing_eos_penalty": 0.0, "train.max_steps": 3, "train.save_steps": 3, "train.learning_rate": 5e-4,
+              "train.lr_scheduler": "constant", "train.warmup_ratio": 0.0,
+              "data.train_file": str(one_answer_prompts), "data.answer_eval_file": str(one_answer_prompts)}
+    run_grpo(validate(PPOConfig, stage_overrides(data_cache, tmp_path / "one", sft_model_dir, **values), "test"))
+    proc = torchrun("grpo", cli_overrides(data_cache, tmp_path / "two", sft_model_dir,
+                                          {**values, "train.deepspeed": "configs/deepspeed/zero2.json"}))
+    output, _ = proc.communicate(timeout=900)
+    assert proc.returncode == 0, output[-3000:]
+    one = [r for r in metrics(tmp_path / "one") if "policy_loss" in r]
+    two = [r for r in metrics(tmp_path / "two") if "policy_loss" in r]
+    assert [r["step"] for r in two] == [1, 2, 3]
+    assert any(r["advantage/abs_mean"] > 0 for r in one)  # some group had a signal: the losses are not all zero
+    for a, b in zip(one, two, strict=True):
+        assert b["reward/mean"] == pytest.approx(a["reward/mean"], abs=1e-6)  # the same samples
+        assert b["response_length"] == pytest.approx(a["response_length"], abs=1e-6)
+        assert b["policy_loss"] == pytest.approx(a["policy_loss"], rel=1e-3, abs=1e-6)
+
+
+@pytest.mark.slow
 def test_ppo_on_two_zero3_processes_with_vllm_resumes_after_a_kill(data_cache, sft_model_dir, one_answer_prompts, tmp_path):
     """ZeRO-3 partitions actor and critic over two processes; each rank's own vLLM engine gets the
     gathered weights after every update (checked by the probe), and a run killed after a checkpoint

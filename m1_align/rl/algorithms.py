@@ -140,15 +140,16 @@ CRITIC_ESTIMATORS = ("gae",)
 
 
 def agg_loss(loss: torch.Tensor, mask: torch.Tensor, mode: str, max_length: int | None = None,
-             reduce_sum: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
+             mean_over_ranks: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
     """Reduce per-token losses [N, R] to a scalar (modes in the module docstring).
 
-    `reduce_sum` (token_mean only): the number of tokens summed over every rank and divided by the
-    number of ranks, so that data-parallel gradient averaging gives the token mean of the global batch."""
+    `mean_over_ranks` (token_mean only, data parallel): divide by the ranks' mean token count instead of this
+    rank's, so that averaging the ranks' gradients gives the token mean of the global batch. Dividing by the
+    local count would weigh a token on a rank with short responses more than one on a rank with long ones."""
     if mode == "token_mean":
         count = mask.sum()
-        if reduce_sum is not None:
-            count = reduce_sum(count.detach())
+        if mean_over_ranks is not None:
+            count = mean_over_ranks(count.detach().float())
         return (loss * mask).sum() / count.clamp_min(1)
     if mode == "seq_mean_token_mean":
         return ((loss * mask).sum(1) / mask.sum(1).clamp_min(1)).mean()
@@ -166,7 +167,7 @@ LOSS_AGG_MODES = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum", "to
 
 
 def policy_loss(logp, old_logp, advantages, mask, clip_low: float, clip_high: float, agg: str = "token_mean",
-                max_length: int | None = None, weights: torch.Tensor | None = None, reduce_sum=None):
+                max_length: int | None = None, weights: torch.Tensor | None = None, mean_over_ranks=None):
     """Clipped surrogate -min(ratio A, clip(ratio, 1 - clip_low, 1 + clip_high) A), per token, aggregated.
     `weights` [N, R] multiply each token's loss (the truncated importance weights of `tis_weights`)."""
     log_ratio = logp - old_logp
@@ -174,7 +175,7 @@ def policy_loss(logp, old_logp, advantages, mask, clip_low: float, clip_high: fl
     losses = torch.max(-advantages * ratio, -advantages * ratio.clamp(1 - clip_low, 1 + clip_high))
     if weights is not None:
         losses = losses * weights
-    loss = agg_loss(losses, mask, agg, max_length, reduce_sum)
+    loss = agg_loss(losses, mask, agg, max_length, mean_over_ranks)
     with torch.no_grad():
         stats = {
             "clip_fraction": masked_mean(((ratio < 1 - clip_low) | (ratio > 1 + clip_high)).float(), mask),

@@ -167,7 +167,7 @@ class ELOLoop(OnlineLoop):
         prompts = [prompt_ids(tok, r["prompt"]) for r in rows]
 
         t0 = time.time()
-        samples = self.engine.generate(prompts, self.sampling(n=cfg.elo.k))
+        samples = self.engine.generate(prompts, self.sampling(n=cfg.elo.k, prompts=len(prompts)))
         t1 = time.time()
 
         paths, dropped = [], {"truncated": 0, "empty": 0, "repeating": 0}

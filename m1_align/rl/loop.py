@@ -146,6 +146,9 @@ class OnlineLoop:
     def reduce_sum(self, value: torch.Tensor) -> torch.Tensor:
         return self.accelerator.reduce(value.clone(), reduction="sum") if self.world_size > 1 else value
 
+    def tensor_mean_over_ranks(self, value: torch.Tensor) -> torch.Tensor:
+        return self.reduce_sum(value) / self.world_size
+
     def mean_over_ranks(self, metrics: dict[str, float]) -> dict[str, float]:
         """Per-rank step metrics averaged over the ranks that have each key."""
         if self.world_size == 1:
@@ -157,15 +160,22 @@ class OnlineLoop:
         return {key: sum(values) / len(values) for key, values in merged.items()}
 
     # -- sampling through this rank's engine ----------------------------------------------------
-    def sampling(self, n: int = 1, greedy: bool = False) -> SamplingSettings:
+    def sampling(self, n: int = 1, greedy: bool = False, prompts: int | None = None, draw: int = 0) -> SamplingSettings:
+        """Sampling settings for this rank's `prompts` (a shard of the step's batch; `draw` counts extra draws)."""
         r = self.cfg.rollout
+        seed = self.cfg.seed + self.current_step  # a new draw every step, the same one on resume
+        prompt_seeds = None
+        if r.seed_per_prompt and prompts is not None:
+            first = self.accelerator.process_index * prompts  # this shard's place in the global batch
+            prompt_seeds = tuple(random.Random(f"{seed}-{draw}-{first + i}").getrandbits(31) for i in range(prompts))
         return SamplingSettings(
             n=n,
             temperature=0.0 if greedy else r.temperature,
             top_p=1.0 if greedy else r.top_p,
             max_new_tokens=r.max_new_tokens,
             stop_token_ids=[self.tokenizer.eos_token_id],
-            seed=self.cfg.seed + self.current_step,  # a new draw every step, the same one on resume
+            seed=seed,
+            prompt_seeds=prompt_seeds,
         )
 
     def sync_engine(self, probe_ids: list[int]) -> float:

@@ -34,6 +34,7 @@ from m1_align.evaluation.benchmarks import prompt_ids
 from m1_align.reward_models.router import RewardRouter
 from m1_align.rl.algorithms import (
     CRITIC_ESTIMATORS,
+    agg_loss,
     equal_reward_groups,
     gae,
     grpo_advantages,
@@ -160,11 +161,11 @@ class PPOLoop(OnlineLoop):
         self.kl_ctl.coef = state["kl_coef"]
 
     # -- sampling and scoring ----------------------------------------------------------------------
-    def sample_and_score(self, rows: list[dict]) -> list[Sample]:
+    def sample_and_score(self, rows: list[dict], draw: int = 0) -> list[Sample]:
         """n responses per prompt with their scores, prompt by prompt."""
         tok, p = self.tokenizer, self.cfg.ppo
         prompts = [prompt_ids(tok, r["prompt"]) for r in rows]
-        completions = self.engine.generate(prompts, self.sampling(n=p.samples_per_prompt))
+        completions = self.engine.generate(prompts, self.sampling(n=p.samples_per_prompt, prompts=len(rows), draw=draw))
         flat = [(row, prompt, c) for row, prompt, cs in zip(rows, prompts, completions, strict=True) for c in cs]
         rewards = self.router([row for row, _, _ in flat], [c.text for _, _, c in flat], [len(c.token_ids) for _, _, c in flat])
         lengths = torch.tensor([len(c.token_ids) for _, _, c in flat])
@@ -195,7 +196,7 @@ class PPOLoop(OnlineLoop):
             if short.item() == 0 or rounds >= p.max_sampling_rounds:
                 break
             draw = random.Random(f"{self.cfg.seed}-{step}-{rounds}-{self.accelerator.process_index}")
-            samples = self.sample_and_score(draw.sample(self.rows, min(len(rows), len(self.rows))))
+            samples = self.sample_and_score(draw.sample(self.rows, min(len(rows), len(self.rows))), draw=rounds)
         # every rank trains on as many samples (DDP and DeepSpeed step all ranks together)
         size = min(len(kept), len(rows) * n)
         if self.world_size > 1:
@@ -292,14 +293,19 @@ class PPOLoop(OnlineLoop):
                     weights = tis_weights(old_raw, engine_logp, p.tis_cap) if p.tis_cap else None
                     kl = kl_penalty(old_logp, ref_logp, p.kl_estimator) * response_mask  # logged, not in the reward
                 m = loss_mask[batch]
+                # every per-token term is aggregated alike; under data parallelism token_mean divides by the
+                # global token count, so two ranks step exactly as one process on the whole batch
+                ranks = self.tensor_mean_over_ranks if self.world_size > 1 else None
                 pg_loss, s = policy_loss(
                     logp, old_logp[batch], advantages[batch], m, p.clip_range, p.clip_range_high or p.clip_range,
-                    p.loss_agg_mode, max_length, None if weights is None else weights[batch],
+                    p.loss_agg_mode, max_length, None if weights is None else weights[batch], ranks,
                 )
-                entropy_mean = masked_mean(entropy, m)
-                losses = {"policy": pg_loss - p.entropy_coef * entropy_mean}
+                losses = {"policy": pg_loss}
+                if p.entropy_coef:
+                    losses["policy"] = pg_loss - p.entropy_coef * agg_loss(entropy, m, p.loss_agg_mode, max_length, ranks)
+                entropy_mean = masked_mean(entropy.detach(), m)
                 if p.kl_loss_coef > 0:
-                    kl_loss = masked_mean(kl_penalty(logp, ref_logp[batch], p.kl_loss_estimator), m)
+                    kl_loss = agg_loss(kl_penalty(logp, ref_logp[batch], p.kl_loss_estimator), m, p.loss_agg_mode, max_length, ranks)
                     losses["policy"] = losses["policy"] + p.kl_loss_coef * kl_loss
                     s["kl_loss"] = kl_loss.detach()
                 if critic is not None:

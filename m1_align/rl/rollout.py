@@ -45,6 +45,9 @@ class SamplingSettings:
     max_new_tokens: int = 128
     stop_token_ids: tuple[int, ...] | None = None  # None: the model's EOS ids; () never stops early
     seed: int | None = None  # same seed, prompts and weights -> same samples (per engine)
+    # one seed per prompt (overrides seed): a prompt's samples then do not depend on the other prompts of the
+    # call, so a batch split over several processes samples exactly what one process would
+    prompt_seeds: tuple[int, ...] | None = None
 
 
 @dataclass
@@ -272,7 +275,19 @@ class VLLMEngine:
             detokenize=False,
         )
         requests = [{"prompt_token_ids": list(ids)} for ids in prompt_ids]
-        if params.seed is None:
+        if params.prompt_seeds is not None and self.on_cpu:
+            # per-request seeds crash vLLM-CPU (below): one call per prompt, each from a seeded global generator
+            if not self.in_process:
+                raise ValueError("SamplingSettings.prompt_seeds on CPU needs VLLMEngine(in_process=True)")
+            outputs = []
+            for request, seed in zip(requests, params.prompt_seeds, strict=True):
+                with torch.random.fork_rng(devices=[]):
+                    torch.manual_seed(seed)
+                    outputs += self.llm.generate([request], SamplingParams(**common), use_tqdm=False)
+        elif params.prompt_seeds is not None:  # vLLM gives the i-th of a request's n samples seed + i
+            sampling = [SamplingParams(**common, seed=seed) for seed in params.prompt_seeds]
+            outputs = self.llm.generate(requests, sampling, use_tqdm=False)
+        elif params.seed is None:
             outputs = self.llm.generate(requests, SamplingParams(**common), use_tqdm=False)
         elif self.on_cpu:
             # A per-request seed crashes vLLM-CPU once a prefill is chunked ("CPU Generator does not use
@@ -393,12 +408,17 @@ class HFEngine:
         results: list[list[Completion]] = []
         try:
             with torch.random.fork_rng(devices=[] if device.type == "cpu" else [device]):
-                if params.seed is not None:
-                    torch.manual_seed(params.seed)
-                for start in range(0, len(prompt_ids), self.batch_size):
-                    results += self._generate_batch(
-                        prompt_ids[start : start + self.batch_size], config, stop_ids
-                    )
+                if params.prompt_seeds is not None:  # prompt by prompt, each from its own seed
+                    for ids, seed in zip(prompt_ids, params.prompt_seeds, strict=True):
+                        torch.manual_seed(seed)
+                        results += self._generate_batch([ids], config, stop_ids)
+                else:
+                    if params.seed is not None:
+                        torch.manual_seed(params.seed)
+                    for start in range(0, len(prompt_ids), self.batch_size):
+                        results += self._generate_batch(
+                            prompt_ids[start : start + self.batch_size], config, stop_ids
+                        )
         finally:
             self.model.train(was_training)
         if greedy and params.n > 1:  # as vLLM: n copies of the one greedy completion
