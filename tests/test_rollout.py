@@ -168,6 +168,22 @@ def test_seed_reproduces_samples(engine, request):
     assert len({tuple(t) for t in first}) == len(first)  # prompts and samples draw different noise
 
 
+@pytest.mark.parametrize("engine", ["vllm_engine", "hf_engine"])
+def test_prompt_seeds_make_a_prompts_samples_independent_of_the_batch(engine, request):
+    """What lets several processes sample exactly what one does: a prompt's samples depend on its own seed,
+    not on which prompts share the call (here: alone, second of three, or after other prompts)."""
+    engine = request.getfixturevalue(engine)
+
+    def samples(prompts, seeds):
+        out = engine.generate(prompts, SamplingSettings(n=2, max_new_tokens=10, stop_token_ids=(), prompt_seeds=seeds))
+        return [[c.token_ids for c in s] for s in out]
+
+    together = samples(PROMPTS[:3], (5, 6, 7))
+    assert samples(PROMPTS[1:2], (6,)) == together[1:2]
+    assert samples(PROMPTS[2:], (7, 8, 9))[0] == together[2]
+    assert samples(PROMPTS[1:2], (16,)) != together[1:2]
+
+
 def test_verify_weights_raises_on_stale_engine(vllm_engine, hf_engine, model):
     assert vllm_engine.verify_weights(model) <= 1e-3
     assert hf_engine.verify_weights(model) == 0.0
