@@ -1,13 +1,17 @@
 """Rollout throughput: the vLLM engine against HF generate, same model, prompts and sampling settings.
 
     .venv/bin/python bench/bench_rollout.py --preset quickstart --prompts 32 --samples 4 --new-tokens 64
+    .venv/bin/python bench/bench_rollout.py --model models/smollm2-135m-instruct \
+        --prompts-file data_cache/medical-v2-seed0-max1500-eval100/rl.jsonl --prompts 32 --samples 4 --new-tokens 128
 
-A randomly initialised hybrid model of the given preset is saved to a temporary folder; each engine then
-runs in its own subprocess (in-process vLLM pins torch's threads, which would slow an HF run after it).
-Every completion runs to --new-tokens (no stop ids), so both engines do the same work. Each engine gets one
-untimed warm-up call, then the timed call. Prints one JSON object (with the machine's load average, since
-the reference machine is shared) and a markdown table. On a busy machine, OMP_NUM_THREADS=1 avoids
-OpenMP threads waiting on each other.
+Without --model a randomly initialised hybrid model of the given preset is saved to a temporary folder and
+every completion runs to --new-tokens (no stop ids, random prompts), so both engines do the same work. With
+--model and --prompts-file (RL prompts, chat messages) the prompts go through the model's chat template and
+sampling stops at its EOS: unequal lengths, as in training; both engines sample the same prompts at the same
+settings, so the token counts differ only by chance. Each engine runs in its own subprocess (in-process vLLM
+binds torch's threads), gets one untimed warm-up call, then the timed call. The matmul ceiling of the dtype is
+measured in the same run, and throughput is also given as a fraction of it (2 x params FLOPs per token).
+Prints one JSON object (with the machine's load average) and a markdown table.
 """
 
 import argparse
@@ -29,6 +33,17 @@ def build_model(folder: str, preset: str, vocab_size: int) -> None:
 
 
 def prompts_for(args) -> list[list[int]]:
+    if args.prompts_file:
+        import random
+
+        from transformers import AutoTokenizer
+
+        from m1_align.evaluation.benchmarks import prompt_ids
+
+        rows = [json.loads(line) for line in open(args.prompts_file, encoding="utf-8")]
+        random.Random(1).shuffle(rows)  # a mix of the tasks, the same for both engines
+        tokenizer = AutoTokenizer.from_pretrained(args.model_dir)
+        return [prompt_ids(tokenizer, row["prompt"]) for row in rows[: args.prompts]]
     generator = torch.Generator().manual_seed(1)
     lengths = torch.randint(args.prompt_len // 2, args.prompt_len + 1, (args.prompts,), generator=generator)
     return [torch.randint(0, args.vocab_size, (int(n),), generator=generator).tolist() for n in lengths]
@@ -47,25 +62,52 @@ def run_engine(args) -> dict:
 
         import m1_align.model  # noqa: F401  registers baichuan_m1 with the Auto classes
 
+        from transformers import AutoTokenizer
+
         model = AutoModelForCausalLM.from_pretrained(args.model_dir, dtype=getattr(torch, args.dtype))
-        engine = make_engine("hf", model=model, batch_size=args.prompts)
+        tokenizer = AutoTokenizer.from_pretrained(args.model_dir) if args.prompts_file else None
+        engine = make_engine("hf", model=model, tokenizer=tokenizer, batch_size=args.prompts)
     startup = time.perf_counter() - started
     prompts = prompts_for(args)
-    params = SamplingSettings(n=args.samples, max_new_tokens=args.new_tokens, stop_token_ids=(), seed=0)
+    stop = None if args.prompts_file else ()  # None: the model's EOS ids; (): run every sample to the limit
+    params = SamplingSettings(n=args.samples, max_new_tokens=args.new_tokens, stop_token_ids=stop, seed=0)
     engine.generate(prompts[:2], SamplingSettings(n=1, max_new_tokens=4, stop_token_ids=()))  # warm-up
     started = time.perf_counter()
     out = engine.generate(prompts, params)
     seconds = time.perf_counter() - started
-    tokens = sum(len(c.token_ids) for samples in out for c in samples)
+    lengths = [len(c.token_ids) for samples in out for c in samples]
     engine.close()
     return {
         "engine": args.engine,
         "startup_s": startup,
         "seconds": seconds,
-        "tokens": tokens,
-        "tokens_per_s": tokens / seconds,
+        "tokens": sum(lengths),
+        "tokens_per_s": sum(lengths) / seconds,
+        "length_min_mean_max": [min(lengths), sum(lengths) / len(lengths), max(lengths)],
+        "stopped_at_eos": sum(c.finish_reason == "stop" for samples in out for c in samples) / len(lengths),
         "threads": torch.get_num_threads(),
     }
+
+
+def parameter_count(model_dir: str) -> int:
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    import m1_align.model  # noqa: F401
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_dir))
+    return sum(p.numel() for p in model.parameters())
+
+
+def ceiling_gflops(dtype: str, size: int = 2048, seconds: float = 2.0) -> float:
+    """This machine's matmul rate in the dtype, measured now (machines differ: never assume)."""
+    a, b = (torch.randn(size, size, dtype=getattr(torch, dtype)) for _ in range(2))
+    torch.mm(a, b)
+    done, begin = 0, time.perf_counter()
+    while time.perf_counter() - begin < seconds:
+        torch.mm(a, b)
+        done += 1
+    return 2 * size**3 * done / (time.perf_counter() - begin) / 1e9
 
 
 def main() -> None:
@@ -81,6 +123,8 @@ def main() -> None:
         "--prompt-len", type=int, default=64, help="prompts have prompt_len/2..prompt_len tokens"
     )
     parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--model", help="a Hugging Face model folder instead of a random preset model")
+    parser.add_argument("--prompts-file", help="RL prompts (JSONL with chat `prompt`s); sampling then stops at EOS")
     parser.add_argument("--enforce-eager", action="store_true", help="vLLM without torch.compile")
     parser.add_argument("--engine", choices=["vllm", "hf"], help=argparse.SUPPRESS)  # subprocess mode
     parser.add_argument("--model-dir", help=argparse.SUPPRESS)
@@ -90,9 +134,16 @@ def main() -> None:
         print("RESULT " + json.dumps(run_engine(args)), flush=True)
         return
 
+    if args.prompts_file and not args.model:
+        sys.exit("--prompts-file needs --model (its tokenizer and chat template)")
     load_before = os.getloadavg()[0]  # the reference machine is shared: record how busy it was
+    ceiling = ceiling_gflops(args.dtype)
     with tempfile.TemporaryDirectory() as folder:
-        build_model(folder, args.preset, args.vocab_size)
+        if args.model:
+            folder = args.model
+        else:
+            build_model(folder, args.preset, args.vocab_size)
+        params = parameter_count(folder)
         results = {}
         for engine in ("hf", "vllm"):
             command = [sys.executable, __file__, *sys.argv[1:], "--engine", engine, "--model-dir", folder]
@@ -108,17 +159,21 @@ def main() -> None:
         "load_average_1m": {"before": load_before, "after": os.getloadavg()[0]},
         "results": results,
         "vllm_over_hf": results["vllm"]["tokens_per_s"] / results["hf"]["tokens_per_s"],
+        "parameters": params,
+        f"matmul_ceiling_gflops_{args.dtype}": ceiling,
     }
+    for r in results.values():
+        r["fraction_of_ceiling"] = 2 * params * r["tokens_per_s"] / 1e9 / ceiling
     print(json.dumps(summary, indent=2))
-    print("\n| engine | startup s | generate s | tokens | tokens/s |\n|---|---|---|---|---|")
+    print("\n| engine | startup s | generate s | tokens | length min/mean/max | tokens/s | of the ceiling |\n|---|---|---|---|---|---|---|")
     for name, r in results.items():
         label = (
             "HF generate" if name == "hf" else "vLLM" + (" (eager)" if args.enforce_eager else " (compiled)")
         )
-        print(
-            f"| {label} | {r['startup_s']:.1f} | {r['seconds']:.1f} | {r['tokens']} | {r['tokens_per_s']:.0f} |"
-        )
-    print(f"\nvLLM / HF throughput: {summary['vllm_over_hf']:.2f}x")
+        low, mean, high = r["length_min_mean_max"]
+        print(f"| {label} | {r['startup_s']:.1f} | {r['seconds']:.1f} | {r['tokens']} | {low}/{mean:.0f}/{high} | "
+              f"{r['tokens_per_s']:.0f} | {r['fraction_of_ceiling']:.0%} |")
+    print(f"\nvLLM / HF throughput: {summary['vllm_over_hf']:.2f}x; {args.dtype} matmul ceiling {ceiling:.0f} GFLOP/s")
 
 
 if __name__ == "__main__":
