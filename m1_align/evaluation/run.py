@@ -64,12 +64,10 @@ def make_generator(cfg: EvalConfig, model, tokenizer, model_dir: Path | None = N
         return benchmarks.hf_generator(model, tokenizer, cfg.eval.max_new_tokens, cfg.eval.batch_size), lambda: None
     if model_dir is None:
         raise ConfigError("rollout.engine=vllm needs a model folder to load")
-    threads = torch.get_num_threads()
     engine = make_engine("vllm", model_dir=str(model_dir), tokenizer=tokenizer, dtype=str(next(model.parameters()).dtype).removeprefix("torch."),
                          kv_cache_gib=cfg.rollout.kv_cache_gib, gpu_memory_utilization=cfg.rollout.gpu_memory_utilization,
                          enforce_eager=cfg.rollout.enforce_eager, in_process=cfg.rollout.in_process, seed=cfg.seed,
                          max_model_len=engine_max_len(model.config, cfg.eval.max_length + cfg.eval.max_new_tokens))
-    torch.set_num_threads(threads)  # in-process vLLM on CPU drops torch to one thread; the scoring forwards want them all
     greedy = SamplingSettings(n=1, temperature=0.0, max_new_tokens=cfg.eval.max_new_tokens, stop_token_ids=[tokenizer.eos_token_id])
 
     def generate(prompts: list[benchmarks.Messages]) -> list[str]:

@@ -308,7 +308,6 @@ class OnlineLoop:
             colocated = {"distributed_executor_backend": "external_launcher"}
         if kind == "hf":
             return make_engine("hf", model=policy, tokenizer=self.tokenizer)
-        threads = torch.get_num_threads()
         engine = make_engine(
             # the engine samples in the dtype of the trainer's forward, so its log-probs match the trainer's
             "vllm", model_dir=str(model_dir), tokenizer=self.tokenizer,
@@ -318,7 +317,6 @@ class OnlineLoop:
             seed=self.cfg.seed + self.accelerator.process_index, max_model_len=engine_max_len(policy.config, self.cfg.train.max_length + r.max_new_tokens),
             **colocated,
         )
-        torch.set_num_threads(threads)  # in-process vLLM on CPU drops torch to one thread; the trainer wants them all
         return engine
 
     def _load_models(self, model_dir: Path) -> None:

