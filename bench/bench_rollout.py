@@ -58,11 +58,9 @@ def run_engine(args) -> dict:
             "vllm", model_dir=args.model_dir, dtype=args.dtype, enforce_eager=args.enforce_eager, seed=0
         )
     else:
-        from transformers import AutoModelForCausalLM
+        from transformers import AutoModelForCausalLM, AutoTokenizer
 
         import m1_align.model  # noqa: F401  registers baichuan_m1 with the Auto classes
-
-        from transformers import AutoTokenizer
 
         model = AutoModelForCausalLM.from_pretrained(args.model_dir, dtype=getattr(torch, args.dtype))
         tokenizer = AutoTokenizer.from_pretrained(args.model_dir) if args.prompts_file else None
