@@ -28,7 +28,8 @@ def ours(command: str, estimator: str, args, out: Path) -> tuple[list[dict], flo
         f"output_dir={out}", f"model.path={args.model}", "rollout.engine=hf", f"train.max_steps={args.steps}",
         "train.eval_limit=1", "reward.mode=rule", f"ppo.prompts_per_step={args.prompts}",
         f"ppo.samples_per_prompt={args.samples}", f"ppo.minibatch_size={args.prompts * args.samples}", "ppo.ppo_epochs=1",
-        f"ppo.advantage_estimator={estimator}", *(["ppo.kl_loss_coef=0"] if estimator == "grpo" else []),  # TRL's beta=0 f"rollout.max_new_tokens={args.new_tokens}", "train.save_steps=1000",
+        f"ppo.advantage_estimator={estimator}", *(["ppo.kl_loss_coef=0"] if estimator == "grpo" else []),  # TRL's beta=0
+        f"rollout.max_new_tokens={args.new_tokens}", "train.save_steps=1000",
         f"data.cache_dir={args.data_cache}", "ppo.missing_eos_penalty=0", "model.dtype=float32",  # TRL runs fp32 too
     ]
     body = "from m1_align.cli import main; main()"
@@ -66,10 +67,11 @@ trainer = GRPOTrainer(model=AutoModelForCausalLM.from_pretrained(model_dir), rew
                       train_dataset=data, processing_class=tok, callbacks=[Timer()])
 trainer.train()
 print("STEP_TIMES", json.dumps(times[1:]))
+print("LENGTHS", json.dumps([h["completions/mean_length"] for h in trainer.state.log_history if "completions/mean_length" in h][1:]))
 '''
 
 
-def trl(args, out: Path) -> tuple[list[float], float]:
+def trl(args, out: Path) -> tuple[list[float], list[float], float]:
     model_dir = Path(args.model) / "model" if (Path(args.model) / "model" / "config.json").is_file() else Path(args.model)
     body = f"exec(compile({TRL_SCRIPT!r}, 'trl_grpo', 'exec'))"
     done = subprocess.run([sys.executable, "-c", PEAK.format(body=body), "trl", str(model_dir), str(out), str(args.steps),
@@ -77,9 +79,10 @@ def trl(args, out: Path) -> tuple[list[float], float]:
                           capture_output=True, text=True)
     if done.returncode:  # said so in the table, with TRL's own last words
         print("TRL GRPOTrainer did not run here:\n" + done.stderr[-1500:], file=sys.stderr)
-        return [], float("nan")
-    line = next(line for line in done.stdout.splitlines() if line.startswith("STEP_TIMES"))
-    return json.loads(line.split(" ", 1)[1]), peak_gib(done.stderr)
+        return [], [], float("nan")
+    found = {line.split(" ", 1)[0]: json.loads(line.split(" ", 1)[1]) for line in done.stdout.splitlines()
+             if line.startswith(("STEP_TIMES", "LENGTHS"))}
+    return found["STEP_TIMES"], found["LENGTHS"], peak_gib(done.stderr)
 
 
 def peak_gib(stderr: str) -> float:
@@ -102,19 +105,21 @@ def main() -> None:
         for name, command, estimator in (("ppo (gae + critic)", "ppo", "gae"), ("grpo", "grpo", "grpo")):
             steps, peak = ours(command, estimator, args, Path(tmp) / command)
             mean = {part: sum(s[part] for s in steps) / len(steps) for part in PARTS}
-            results[name] = {**mean, "step": sum(mean.values()), "peak_rss_gib": peak, "steps_timed": len(steps)}
-        times, peak = trl(args, Path(tmp) / "trl")
+            results[name] = {**mean, "step": sum(mean.values()), "peak_rss_gib": peak, "steps_timed": len(steps),
+                             "response_length": sum(s["response_length"] for s in steps) / len(steps)}
+        times, lengths, peak = trl(args, Path(tmp) / "trl")
         results["trl GRPOTrainer"] = {"step": sum(times) / len(times) if times else float("nan"), "peak_rss_gib": peak,
-                                      "steps_timed": len(times)}
+                                      "steps_timed": len(times),
+                                      "response_length": sum(lengths) / len(lengths) if lengths else float("nan")}
     results["load_average"] = os.getloadavg()
     print(json.dumps(results, indent=2))
-    print("\n| trainer | step s | generate s | score s | train s | sync s | peak RSS GiB |")
-    print("|---|---|---|---|---|---|---|")
+    print("\n| trainer | step s | generate s | score s | train s | sync s | peak RSS GiB | mean response tokens |")
+    print("|---|---|---|---|---|---|---|---|")
     for name, r in results.items():
         if name == "load_average":
             continue
         parts = " | ".join(f"{r[p]:.2f}" if p in r else "-" for p in PARTS)
-        print(f"| {name} | {r['step']:.2f} | {parts} | {r['peak_rss_gib']:.2f} |")
+        print(f"| {name} | {r['step']:.2f} | {parts} | {r['peak_rss_gib']:.2f} | {r['response_length']:.1f} |")
     grpo, ppo, peer = results["grpo"]["step"], results["ppo (gae + critic)"]["step"], results["trl GRPOTrainer"]["step"]
     print(f"\ngrpo / ppo step: {grpo / ppo:.2f}x;  grpo / TRL GRPOTrainer step: {grpo / peer:.2f}x")
 
