@@ -1,0 +1,105 @@
+"""A TDPO step against a DPO step (ours) and TRL's DPOTrainer: step time and peak memory, side by side.
+
+    .venv/bin/python bench/bench_tdpo_step.py --model models/smollm2-135m-instruct --steps 4 --batch-size 8
+
+Each trainer runs in its own subprocess, one after the other, on the same model, the same built preference
+pairs (the recipe's data), batch size, maximum length, learning rate and dtype, full-parameter with a separate
+reference model (TRL's default: a copy of the policy). Variants:
+  - ours, loss=tdpo2 (needs the reference's whole next-token distribution: live reference logits);
+  - ours, loss=dpo (the same trainer and batches, sequence log-prob ratios only);
+  - TRL's DPOTrainer with its own sigmoid loss.
+Step time: mean of the steps after the first (warm-up), from a step-begin/step-end callback. Memory: the
+process's peak resident set during training minus its resident set just before (both models loaded, no
+optimiser state yet), so what is compared is what a step adds. Prints JSON and a table.
+"""
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+
+SCRIPT = r'''
+import json, resource, sys, tempfile, time
+import torch
+from transformers import TrainerCallback
+variant, model, steps, batch, length, dtype, cache = sys.argv[1:8]
+times = []
+class Timer(TrainerCallback):
+    def on_step_begin(self, *a, **k): self.t = time.perf_counter()
+    def on_step_end(self, *a, **k): times.append(time.perf_counter() - self.t)
+def rss_kb():
+    return int(open("/proc/self/statm").read().split()[1]) * resource.getpagesize() // 1024
+from m1_align.config import load_config
+cfg = load_config("tdpo", None, [f"output_dir={tempfile.mkdtemp()}", f"model.path={model}", f"model.dtype={dtype}",
+                  f"data.cache_dir={cache}", "data.max_per_task=1500", "data.eval_per_task=100", f"train.max_steps={steps}",
+                  f"train.batch_size={batch}", f"train.max_length={length}", "train.learning_rate=5e-6",
+                  "train.save_steps=10000", "train.logging_steps=1", "train.eval_limit=1", "model.lora.enabled=false",
+                  f"tdpo.loss={'dpo' if variant == 'ours-dpo' else 'tdpo2'}"])
+if variant.startswith("ours"):
+    from m1_align.preference.trainer import build_trainer
+    from m1_align.runs import MetricsLogger
+    from pathlib import Path
+    trainer, _ = build_trainer(cfg, Path(cfg.output_dir), MetricsLogger(Path(cfg.output_dir), run_name="bench"))
+else:
+    from trl import DPOConfig, DPOTrainer
+    from m1_align.data.stage_data import preference_datasets
+    from m1_align.training import load_model, load_tokenizer, resolve_model_dir, training_arguments
+    model_dir = resolve_model_dir(model)
+    train, _ = preference_datasets(cfg)
+    from pathlib import Path
+    args = DPOConfig(**training_arguments(cfg, Path(cfg.output_dir)), beta=cfg.tdpo.beta, max_length=int(length),
+                     precompute_ref_log_probs=False)
+    trainer = DPOTrainer(model=load_model(cfg.model, model_dir=model_dir), args=args, train_dataset=train,
+                         processing_class=load_tokenizer(cfg.model, model_dir))
+trainer.eval_dataset = None
+trainer.add_callback(Timer())
+before = rss_kb()
+trainer.train()
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+print("RESULT", json.dumps({"step_s": times[1:], "rss_before_kb": before, "peak_rss_kb": peak,
+                            "tokens": trainer._total_train_tokens if hasattr(trainer, "_total_train_tokens") else None}))
+'''
+
+VARIANTS = ("ours-tdpo2", "ours-dpo", "trl-dpo")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model", required=True)
+    parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--max-length", type=int, default=256)
+    parser.add_argument("--dtype", default="float32", help="float32, bfloat16 or auto (bf16 autocast where it pays)")
+    parser.add_argument("--data-cache", default="data_cache")
+    args = parser.parse_args()
+
+    results = {}
+    for variant in VARIANTS:
+        done = subprocess.run([sys.executable, "-c", SCRIPT, variant, args.model, str(args.steps), str(args.batch_size),
+                               str(args.max_length), args.dtype, args.data_cache], capture_output=True, text=True)
+        lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
+        if done.returncode or not lines:
+            print(f"{variant} did not run here:\n{done.stderr[-2000:]}", file=sys.stderr)
+            results[variant] = None
+            continue
+        r = json.loads(lines[-1][len("RESULT "):])
+        results[variant] = {"step_s": sum(r["step_s"]) / len(r["step_s"]), "steps_timed": len(r["step_s"]),
+                            "step_peak_gib": (r["peak_rss_kb"] - r["rss_before_kb"]) / 2**20,
+                            "peak_rss_gib": r["peak_rss_kb"] / 2**20}
+    results["load_average"] = os.getloadavg()
+    print(json.dumps({"config": vars(args), "results": results}, indent=2))
+    print("\n| trainer | step s | memory a step adds, GiB | peak RSS GiB |\n|---|---|---|---|")
+    for variant in VARIANTS:
+        r = results[variant]
+        print(f"| {variant} | " + ("did not run | | |" if r is None else
+              f"{r['step_s']:.2f} | {r['step_peak_gib']:.2f} | {r['peak_rss_gib']:.2f} |"))
+    tdpo, dpo, trl = (results[v] for v in VARIANTS)
+    if tdpo and dpo:
+        print(f"\nTDPO / our DPO: step {tdpo['step_s'] / dpo['step_s']:.2f}x, memory {tdpo['step_peak_gib'] / dpo['step_peak_gib']:.2f}x")
+    if tdpo and trl:
+        print(f"TDPO / TRL DPOTrainer: step {tdpo['step_s'] / trl['step_s']:.2f}x, memory {tdpo['step_peak_gib'] / trl['step_peak_gib']:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
