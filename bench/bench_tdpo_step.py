@@ -8,7 +8,9 @@ reference model (TRL's default: a copy of the policy). Variants:
   - ours, loss=tdpo2 (needs the reference's whole next-token distribution: live reference logits);
   - ours, loss=dpo (the same trainer and batches, sequence log-prob ratios only);
   - TRL's DPOTrainer with its own sigmoid loss.
-Step time: mean of the steps after the first (warm-up), from a step-begin/step-end callback. Memory: the
+Step time: mean of the steps after the first (warm-up), from a step-begin/step-end callback; as a fraction of
+the faster dtype's matmul ceiling (measured in the same run) at 8 x params FLOPs per token (policy forward and
+backward, reference forward). Memory: the
 process's peak resident set during training minus its resident set just before (both models loaded, no
 optimiser state yet), so what is compared is what a step adds. Prints JSON and a table.
 """
@@ -57,11 +59,27 @@ trainer.add_callback(Timer())
 before = rss_kb()
 trainer.train()
 peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-print("RESULT", json.dumps({"step_s": times[1:], "rss_before_kb": before, "peak_rss_kb": peak,
-                            "tokens": trainer._total_train_tokens if hasattr(trainer, "_total_train_tokens") else None}))
+params = sum(p.numel() for p in trainer.model.parameters())
+tokens = getattr(trainer, "_total_train_tokens", 0) / max(trainer.state.global_step, 1)  # chosen + rejected, per step
+print("RESULT", json.dumps({"step_s": times[1:], "rss_before_kb": before, "peak_rss_kb": peak, "tokens_per_step": tokens,
+                            "parameters": params}))
 '''
 
 VARIANTS = ("ours-tdpo2", "ours-dpo", "trl-dpo")
+
+
+def ceiling_gflops(dtype: str, size: int = 2048, seconds: float = 2.0) -> float:
+    import time
+
+    import torch
+
+    a, b = (torch.randn(size, size, dtype=getattr(torch, dtype)) for _ in range(2))
+    torch.mm(a, b)
+    done, begin = 0, time.perf_counter()
+    while time.perf_counter() - begin < seconds:
+        torch.mm(a, b)
+        done += 1
+    return 2 * size**3 * done / (time.perf_counter() - begin) / 1e9
 
 
 def main() -> None:
@@ -74,6 +92,7 @@ def main() -> None:
     parser.add_argument("--data-cache", default="data_cache")
     args = parser.parse_args()
 
+    ceilings = {dtype: ceiling_gflops(dtype) for dtype in ("float32", "bfloat16")}
     results = {}
     for variant in VARIANTS:
         done = subprocess.run([sys.executable, "-c", SCRIPT, variant, args.model, str(args.steps), str(args.batch_size),
@@ -86,14 +105,19 @@ def main() -> None:
         r = json.loads(lines[-1][len("RESULT "):])
         results[variant] = {"step_s": sum(r["step_s"]) / len(r["step_s"]), "steps_timed": len(r["step_s"]),
                             "step_peak_gib": (r["peak_rss_kb"] - r["rss_before_kb"]) / 2**20,
-                            "peak_rss_gib": r["peak_rss_kb"] / 2**20}
+                            "peak_rss_gib": r["peak_rss_kb"] / 2**20, "tokens_per_step": r["tokens_per_step"]}
+        gflops = 8 * r["parameters"] * r["tokens_per_step"] / results[variant]["step_s"] / 1e9
+        results[variant]["fraction_of_ceiling"] = gflops / max(ceilings.values())
     results["load_average"] = os.getloadavg()
-    print(json.dumps({"config": vars(args), "results": results}, indent=2))
-    print("\n| trainer | step s | memory a step adds, GiB | peak RSS GiB |\n|---|---|---|---|")
+    print(json.dumps({"config": vars(args), "matmul_ceiling_gflops": ceilings, "results": results}, indent=2))
+    print("\n| trainer | step s | tokens/step | of the faster ceiling | memory a step adds, GiB | peak RSS GiB |\n"
+          "|---|---|---|---|---|---|")
     for variant in VARIANTS:
         r = results[variant]
-        print(f"| {variant} | " + ("did not run | | |" if r is None else
-              f"{r['step_s']:.2f} | {r['step_peak_gib']:.2f} | {r['peak_rss_gib']:.2f} |"))
+        print(f"| {variant} | " + ("did not run | | | | |" if r is None else
+              f"{r['step_s']:.2f} | {r['tokens_per_step']:.0f} | {r['fraction_of_ceiling']:.0%} | {r['step_peak_gib']:.2f} | "
+              f"{r['peak_rss_gib']:.2f} |"))
+    print(f"matmul ceilings (GFLOP/s): {ceilings}")
     tdpo, dpo, trl = (results[v] for v in VARIANTS)
     if tdpo and dpo:
         print(f"\nTDPO / our DPO: step {tdpo['step_s'] / dpo['step_s']:.2f}x, memory {tdpo['step_peak_gib'] / dpo['step_peak_gib']:.2f}x")
