@@ -18,19 +18,10 @@ import subprocess
 import sys
 import time
 
+from ceiling import ceiling_gflops  # bench/ceiling.py
+
 VARIANTS = ("full", "chunked", "chunked-bf16-autocast")
 
-
-def ceiling_gflops(dtype: str = "float32", size: int = 2048, seconds: float = 2.0) -> float:
-    import torch
-
-    a, b = torch.randn(size, size, dtype=getattr(torch, dtype)), torch.randn(size, size, dtype=getattr(torch, dtype))
-    torch.mm(a, b)
-    done, begin = 0, time.perf_counter()
-    while time.perf_counter() - begin < seconds:
-        torch.mm(a, b)
-        done += 1
-    return 2 * size**3 * done / (time.perf_counter() - begin) / 1e9
 
 
 def variant(args) -> dict:

@@ -23,6 +23,7 @@ import tempfile
 import time
 
 import torch
+from ceiling import ceiling_gflops  # bench/ceiling.py
 
 
 def build_model(folder: str, preset: str, vocab_size: int) -> None:
@@ -96,16 +97,6 @@ def parameter_count(model_dir: str) -> int:
         model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_dir))
     return sum(p.numel() for p in model.parameters())
 
-
-def ceiling_gflops(dtype: str, size: int = 2048, seconds: float = 2.0) -> float:
-    """This machine's matmul rate in the dtype, measured now (machines differ: never assume)."""
-    a, b = (torch.randn(size, size, dtype=getattr(torch, dtype)) for _ in range(2))
-    torch.mm(a, b)
-    done, begin = 0, time.perf_counter()
-    while time.perf_counter() - begin < seconds:
-        torch.mm(a, b)
-        done += 1
-    return 2 * size**3 * done / (time.perf_counter() - begin) / 1e9
 
 
 def main() -> None:

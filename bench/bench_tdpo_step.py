@@ -21,6 +21,8 @@ import os
 import subprocess
 import sys
 
+from ceiling import ceiling_gflops  # bench/ceiling.py
+
 SCRIPT = r'''
 import json, resource, sys, tempfile, time
 import torch
@@ -67,19 +69,6 @@ print("RESULT", json.dumps({"step_s": times[1:], "rss_before_kb": before, "peak_
 
 VARIANTS = ("ours-tdpo2", "ours-dpo", "trl-dpo")
 
-
-def ceiling_gflops(dtype: str, size: int = 2048, seconds: float = 2.0) -> float:
-    import time
-
-    import torch
-
-    a, b = (torch.randn(size, size, dtype=getattr(torch, dtype)) for _ in range(2))
-    torch.mm(a, b)
-    done, begin = 0, time.perf_counter()
-    while time.perf_counter() - begin < seconds:
-        torch.mm(a, b)
-        done += 1
-    return 2 * size**3 * done / (time.perf_counter() - begin) / 1e9
 
 
 def main() -> None:
