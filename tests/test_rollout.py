@@ -184,6 +184,21 @@ def test_prompt_seeds_make_a_prompts_samples_independent_of_the_batch(engine, re
     assert samples(PROMPTS[1:2], (16,)) != together[1:2]
 
 
+def test_probe_check_takes_the_max_in_fp32_and_the_mean_in_16_bit():
+    """A 16-bit engine rounds single tokens by up to ~0.25 on a real model: one such token passes there,
+    not in fp32; a shift on every token (other weights) fails both."""
+    from m1_align.rl.rollout import StaleWeightsError, check_probe, default_atol
+
+    model_lp = torch.full((64,), -2.0)
+    one_token_off, all_off = model_lp.clone(), model_lp + 0.5
+    one_token_off[10] += 0.25
+    assert check_probe(one_token_off, model_lp, default_atol(torch.bfloat16), "vLLM", torch.bfloat16) == pytest.approx(0.25 / 64)
+    with pytest.raises(StaleWeightsError, match="up to 0.2500"):
+        check_probe(one_token_off, model_lp, default_atol(torch.float32), "vLLM", torch.float32)
+    with pytest.raises(StaleWeightsError, match="on average 0.5000"):
+        check_probe(all_off, model_lp, default_atol(torch.bfloat16), "vLLM", torch.bfloat16)
+
+
 def test_verify_weights_raises_on_stale_engine(vllm_engine, hf_engine, model):
     assert vllm_engine.verify_weights(model) <= 1e-3
     assert hf_engine.verify_weights(model) == 0.0
