@@ -111,7 +111,7 @@ def main() -> None:
     parser.add_argument(
         "--prompt-len", type=int, default=64, help="prompts have prompt_len/2..prompt_len tokens"
     )
-    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--model", help="a Hugging Face model folder instead of a random preset model")
     parser.add_argument("--prompts-file", help="RL prompts (JSONL with chat `prompt`s); sampling then stops at EOS")
     parser.add_argument("--enforce-eager", action="store_true", help="vLLM without torch.compile")
@@ -127,10 +127,9 @@ def main() -> None:
         sys.exit("--prompts-file needs --model (its tokenizer and chat template)")
     load_before = os.getloadavg()[0]  # the reference machine is shared: record how busy it was
     ceiling = ceiling_gflops(args.dtype)
-    with tempfile.TemporaryDirectory() as folder:
-        if args.model:
-            folder = args.model
-        else:
+    with tempfile.TemporaryDirectory() as scratch:
+        folder = args.model or scratch
+        if not args.model:
             build_model(folder, args.preset, args.vocab_size)
         params = parameter_count(folder)
         results = {}

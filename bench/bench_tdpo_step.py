@@ -6,13 +6,14 @@ Each trainer runs in its own subprocess, one after the other, on the same model,
 pairs (the recipe's data), batch size, maximum length, learning rate and dtype, full-parameter with a separate
 reference model (TRL's default: a copy of the policy). Variants:
   - ours, loss=tdpo2 (needs the reference's whole next-token distribution: live reference logits);
-  - ours, loss=dpo (the same trainer and batches, sequence log-prob ratios only);
+  - ours, loss=dpo (the same trainer and batches with the DPO loss; the sequential KL is still computed, for
+    the logged seqkl metrics, so this is not a cheaper DPO: TRL's is the DPO baseline);
   - TRL's DPOTrainer with its own sigmoid loss.
 Step time: mean of the steps after the first (warm-up), from a step-begin/step-end callback; as a fraction of
 the faster dtype's matmul ceiling (measured in the same run) at 8 x params FLOPs per token (policy forward and
 backward, reference forward). Memory: the
-process's peak resident set during training minus its resident set just before (both models loaded, no
-optimiser state yet), so what is compared is what a step adds. Prints JSON and a table.
+process's peak resident set during training (VmHWM, reset just before) minus its resident set just before
+(both models loaded, no optimiser state yet), so what is compared is what training adds. Prints JSON and a table.
 """
 
 import argparse
@@ -24,16 +25,15 @@ import sys
 from ceiling import ceiling_gflops  # bench/ceiling.py
 
 SCRIPT = r'''
-import json, resource, sys, tempfile, time
-import torch
+import json, sys, tempfile, time
 from transformers import TrainerCallback
 variant, model, steps, batch, length, dtype, cache = sys.argv[1:8]
 times = []
 class Timer(TrainerCallback):
     def on_step_begin(self, *a, **k): self.t = time.perf_counter()
     def on_step_end(self, *a, **k): times.append(time.perf_counter() - self.t)
-def rss_kb():
-    return int(open("/proc/self/statm").read().split()[1]) * resource.getpagesize() // 1024
+def status_kb(field):  # VmRSS: resident now; VmHWM: the peak since the last reset
+    return next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith(field + ":"))
 from m1_align.config import load_config
 cfg = load_config("tdpo", None, [f"output_dir={tempfile.mkdtemp()}", f"model.path={model}", f"model.dtype={dtype}",
                   f"data.cache_dir={cache}", "data.max_per_task=1500", "data.eval_per_task=100", f"train.max_steps={steps}",
@@ -58,9 +58,10 @@ else:
                          processing_class=load_tokenizer(cfg.model, model_dir))
 trainer.eval_dataset = None
 trainer.add_callback(Timer())
-before = rss_kb()
+open("/proc/self/clear_refs", "w").write("5")  # resets VmHWM, so the peak below is that of training alone
+before = status_kb("VmRSS")
 trainer.train()
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+peak = status_kb("VmHWM")
 params = sum(p.numel() for p in trainer.model.parameters())
 tokens = getattr(trainer, "_total_train_tokens", 0) / max(trainer.state.global_step, 1)  # chosen + rejected, per step
 print("RESULT", json.dumps({"step_s": times[1:], "rss_before_kb": before, "peak_rss_kb": peak, "tokens_per_step": tokens,
@@ -80,6 +81,8 @@ def main() -> None:
     parser.add_argument("--dtype", default="float32", help="float32, bfloat16 or auto (bf16 autocast where it pays)")
     parser.add_argument("--data-cache", default="data_cache")
     args = parser.parse_args()
+    if args.steps < 2:
+        parser.error("--steps must be at least 2 (the first step is a warm-up and not timed)")
 
     ceilings = {dtype: ceiling_gflops(dtype) for dtype in ("float32", "bfloat16")}
     results = {}

@@ -125,7 +125,8 @@ class RolloutConfig(Section):
     enforce_eager: bool = True  # skip graph capture/compilation: starts in seconds
     in_process: bool = True  # VLLM_ENABLE_V1_MULTIPROCESSING=0
     # seed each prompt's samples by (seed, step, its place in the step's global batch): the same samples on any
-    # number of processes, at the cost of sampling prompt by prompt on CPU
+    # number of processes (without dynamic sampling, whose extra draws are per rank), at the cost of sampling
+    # prompt by prompt (HF generate, and vLLM on CPU)
     seed_per_prompt: bool = False
 
 

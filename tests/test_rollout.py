@@ -171,7 +171,7 @@ def test_seed_reproduces_samples(engine, request):
 @pytest.mark.parametrize("engine", ["vllm_engine", "hf_engine"])
 def test_prompt_seeds_make_a_prompts_samples_independent_of_the_batch(engine, request):
     """What lets several processes sample exactly what one does: a prompt's samples depend on its own seed,
-    not on which prompts share the call (here: alone, second of three, or after other prompts)."""
+    not on which prompts share the call (here: second of three, alone, or first of three others)."""
     engine = request.getfixturevalue(engine)
 
     def samples(prompts, seeds):

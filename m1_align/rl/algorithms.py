@@ -147,10 +147,8 @@ def agg_loss(loss: torch.Tensor, mask: torch.Tensor, mode: str, max_length: int 
     rank's, so that averaging the ranks' gradients gives the token mean of the global batch. Dividing by the
     local count would weigh a token on a rank with short responses more than one on a rank with long ones."""
     if mode == "token_mean":
-        count = mask.sum()
-        if mean_over_ranks is not None:
-            count = mean_over_ranks(count.detach().float())
-        return (loss * mask).sum() / count.clamp_min(1)
+        count = mask.sum().clamp_min(1) if mean_over_ranks is None else mean_over_ranks(mask.sum().float()).clamp_min(1e-6)
+        return (loss * mask).sum() / count
     if mode == "seq_mean_token_mean":
         return ((loss * mask).sum(1) / mask.sum(1).clamp_min(1)).mean()
     if mode == "seq_mean_token_sum":
@@ -184,10 +182,11 @@ def policy_loss(logp, old_logp, advantages, mask, clip_low: float, clip_high: fl
     return loss, stats
 
 
-def value_loss(values, old_values, returns, mask, clip_range: float) -> torch.Tensor:
-    """0.5 mean max((V - R)^2, (clip(V, V_old - eps, V_old + eps) - R)^2) over real tokens."""
+def value_loss(values, old_values, returns, mask, clip_range: float, mean_over_ranks=None) -> torch.Tensor:
+    """0.5 mean max((V - R)^2, (clip(V, V_old - eps, V_old + eps) - R)^2) over real tokens (of every rank)."""
     clipped = old_values + (values - old_values).clamp(-clip_range, clip_range)
-    return 0.5 * masked_mean(torch.max((values - returns) ** 2, (clipped - returns) ** 2), mask)
+    return 0.5 * agg_loss(torch.max((values - returns) ** 2, (clipped - returns) ** 2), mask, "token_mean",
+                          mean_over_ranks=mean_over_ranks)
 
 
 def ppo_losses(logp, old_logp, advantages, values, old_values, returns, mask, clip_range: float, value_clip_range: float):

@@ -146,7 +146,8 @@ class OnlineLoop:
     def reduce_sum(self, value: torch.Tensor) -> torch.Tensor:
         return self.accelerator.reduce(value.clone(), reduction="sum") if self.world_size > 1 else value
 
-    def tensor_mean_over_ranks(self, value: torch.Tensor) -> torch.Tensor:
+    def rank_mean(self, value: torch.Tensor) -> torch.Tensor:
+        """A tensor averaged over the ranks (all-reduce)."""
         return self.reduce_sum(value) / self.world_size
 
     def mean_over_ranks(self, metrics: dict[str, float]) -> dict[str, float]:
@@ -181,7 +182,8 @@ class OnlineLoop:
     def sync_engine(self, probe_ids: list[int]) -> float:
         """Push the policy's weights into this rank's engine, then check a log-prob probe against the trainer
         (under ZeRO-3 every rank runs that forward together); a stale engine raises StaleWeightsError instead
-        of sampling the next batch from old weights. Returns the largest probe difference over the ranks."""
+        of sampling the next batch from old weights. Returns the largest probe difference over the ranks (per token
+        for an fp32 engine, the mean for a 16-bit one: check_probe)."""
         policy = self.accelerator.unwrap_model(self.policy)
         with self.full_weights("policy"):
             self.engine.update_weights(policy)

@@ -293,9 +293,10 @@ class PPOLoop(OnlineLoop):
                     weights = tis_weights(old_raw, engine_logp, p.tis_cap) if p.tis_cap else None
                     kl = kl_penalty(old_logp, ref_logp, p.kl_estimator) * response_mask  # logged, not in the reward
                 m = loss_mask[batch]
-                # every per-token term is aggregated alike; under data parallelism token_mean divides by the
-                # global token count, so two ranks step exactly as one process on the whole batch
-                ranks = self.tensor_mean_over_ranks if self.world_size > 1 else None
+                # every per-token term (policy, entropy, KL loss; the value loss as a token mean) is aggregated
+                # alike; under data parallelism token_mean divides by the global token count, so two ranks step
+                # exactly as one process on the whole batch
+                ranks = self.rank_mean if self.world_size > 1 else None
                 pg_loss, s = policy_loss(
                     logp, old_logp[batch], advantages[batch], m, p.clip_range, p.clip_range_high or p.clip_range,
                     p.loss_agg_mode, max_length, None if weights is None else weights[batch], ranks,
@@ -310,7 +311,7 @@ class PPOLoop(OnlineLoop):
                     s["kl_loss"] = kl_loss.detach()
                 if critic is not None:
                     values = response_values(critic, ids[batch], mask[batch], start)
-                    s["value_loss"] = value_loss(values, old_values[batch], returns[batch], m, p.value_clip_range)
+                    s["value_loss"] = value_loss(values, old_values[batch], returns[batch], m, p.value_clip_range, ranks)
                     losses["critic"] = p.vf_coef * s["value_loss"]
                 # actor and critic share no weights: one backward each
                 if "ratio/first_minibatch_max_dev" not in stats:

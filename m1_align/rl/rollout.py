@@ -46,7 +46,8 @@ class SamplingSettings:
     stop_token_ids: tuple[int, ...] | None = None  # None: the model's EOS ids; () never stops early
     seed: int | None = None  # same seed, prompts and weights -> same samples (per engine)
     # one seed per prompt (overrides seed): a prompt's samples then do not depend on the other prompts of the
-    # call, so a batch split over several processes samples exactly what one process would
+    # call, so a batch split over several processes samples what one process would (exactly with HF generate and
+    # vLLM on CPU, which sample prompt by prompt; on a GPU vLLM's logits can still differ with the batch)
     prompt_seeds: tuple[int, ...] | None = None
 
 
