@@ -98,3 +98,21 @@ def test_degenerate_paths():
     assert degenerate([]) == "empty"
     assert degenerate([1, 2, 3, 4] * 5) == "repeating"
     assert degenerate(list(range(40))) is None
+
+
+def test_loss_over_two_ranks_with_unequal_path_counts_is_the_global_mean():
+    """Dropped paths leave rank 0 with one path and rank 1 with three: averaging the ranks' losses (their
+    gradients) must give the loss of all four paths in one process."""
+    g = torch.Generator().manual_seed(0)
+    reasoning_logp = -torch.rand(4, 3, generator=g, dtype=torch.float64)
+    mask = torch.tensor([[1, 1, 0], [1, 1, 1], [1, 0, 0], [1, 1, 0]], dtype=torch.float64)
+    answer_logp, advantages = -torch.rand(4, generator=g, dtype=torch.float64), torch.randn(4, generator=g, dtype=torch.float64)
+
+    def loss(rows, ranks=None):
+        return elo_loss(reasoning_logp[rows], reasoning_logp[rows], mask[rows], answer_logp[rows], advantages[rows], 0.7,
+                        mean_over_ranks=ranks)[0]
+
+    mean_count = lambda n: torch.tensor(2.0, dtype=n.dtype)  # noqa: E731  (1 + 3) / 2, as the all-reduce gives
+    two_ranks = (loss(slice(0, 1), mean_count) + loss(slice(1, 4), mean_count)) / 2
+    assert two_ranks.item() == pytest.approx(loss(slice(0, 4)).item())
+    assert ((loss(slice(0, 1)) + loss(slice(1, 4))) / 2).item() != pytest.approx(loss(slice(0, 4)).item())

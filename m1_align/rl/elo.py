@@ -23,7 +23,7 @@ import torch
 from m1_align.config import ELOConfig
 from m1_align.data.stage_data import eval_rows, rl_rows
 from m1_align.evaluation.benchmarks import prompt_ids
-from m1_align.rl.algorithms import group_baseline, kl_penalty, masked_mean, policy_loss
+from m1_align.rl.algorithms import agg_loss, group_baseline, kl_penalty, policy_loss
 from m1_align.rl.common import causal_lm_logprobs, right_pad, span_mask
 from m1_align.rl.loop import OnlineLoop
 
@@ -35,13 +35,20 @@ from m1_align.rl.loop import OnlineLoop
 def elo_loss(
     reasoning_logp: torch.Tensor, old_reasoning_logp: torch.Tensor, reasoning_mask: torch.Tensor,
     answer_logp: torch.Tensor, advantages: torch.Tensor, lambda_answer: float, clip_range: float = 0.2,
+    mean_over_ranks=None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """reasoning_logp: log pi_T per reasoning token [N, L] (with grad), old_reasoning_logp: the same at
     sampling time (no grad), answer_logp: r_k [N] (with grad), advantages: (r_k - b) [N], fixed for the batch.
-    Loss = -mean_k sum_t clipped(ratio_kt) A_k - lambda mean_k r_k; at ratio 1 its gradient is eq. 3's."""
+    Loss = -mean_k sum_t clipped(ratio_kt) A_k - lambda mean_k r_k; at ratio 1 its gradient is eq. 3's.
+    `mean_over_ranks` (data parallel): the means over k divide by the ranks' mean path count, since dropped
+    paths leave the ranks with different counts and gradient averaging must give the global mean."""
     score_term, stats = policy_loss(reasoning_logp, old_reasoning_logp, advantages[:, None].expand_as(reasoning_logp),
                                     reasoning_mask, clip_range, clip_range, agg="seq_mean_token_sum")
-    return score_term - lambda_answer * answer_logp.mean(), stats
+    loss = score_term - lambda_answer * answer_logp.mean()
+    if mean_over_ranks is not None:  # mean over this rank's N paths -> sum over them / the ranks' mean N
+        n = torch.tensor(float(len(answer_logp)), device=answer_logp.device)
+        loss = loss * n / mean_over_ranks(n)
+    return loss, stats
 
 
 def elo_advantages(rewards: torch.Tensor, groups: torch.Tensor, baseline: str) -> torch.Tensor:
@@ -200,10 +207,12 @@ class ELOLoop(OnlineLoop):
                 old_logp = reasoning_logp.detach()
                 rewards = answer_logp.detach()
                 advantages = elo_advantages(rewards, groups.to(rewards.device), cfg.elo.baseline)
+            ranks = self.rank_mean if self.world_size > 1 else None
             loss, stats = elo_loss(reasoning_logp, old_logp, batch.reasoning_mask, answer_logp, advantages,
-                                   cfg.elo.lambda_answer, cfg.elo.clip_range)
+                                   cfg.elo.lambda_answer, cfg.elo.clip_range, ranks)
             if ref_logp is not None:
-                kl = masked_mean(kl_penalty(reasoning_logp, ref_logp, cfg.elo.kl_estimator), batch.reasoning_mask)
+                kl = agg_loss(kl_penalty(reasoning_logp, ref_logp, cfg.elo.kl_estimator), batch.reasoning_mask, "token_mean",
+                              mean_over_ranks=ranks)
                 loss = loss + cfg.elo.kl_coef * kl
                 metrics["kl"] = kl.item()
             self.optimizer_step({"policy": loss})
