@@ -206,6 +206,13 @@ def torchrun(stage: str, overrides: dict, processes: int = 2):
     return subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
 
 
+def run_on_two_zero2_processes(stage: str, overrides: dict) -> None:
+    """`m1-align <stage>` on two processes under DeepSpeed ZeRO-2, to completion."""
+    proc = torchrun(stage, {**overrides, "train.deepspeed": "configs/deepspeed/zero2.json"})
+    output, _ = proc.communicate(timeout=900)
+    assert proc.returncode == 0, output[-3000:]
+
+
 def cli_overrides(data_cache, out, model_dir, values: dict) -> dict:
     from conftest import SMALL_DATA
 
@@ -226,10 +233,7 @@ def test_elo_on_two_deepspeed_processes_equals_one_process(data_cache, sft_model
               "train.lr_scheduler": "linear", "train.warmup_ratio": 0.0,
               "data.train_file": str(task_files[1]), "data.answer_eval_file": str(task_files[2])}
     run(elo_config(data_cache, tmp_path / "one", sft_model_dir, **values))
-    proc = torchrun("elo", cli_overrides(data_cache, tmp_path / "two", sft_model_dir,
-                                         {**values, "train.deepspeed": "configs/deepspeed/zero2.json"}))
-    output, _ = proc.communicate(timeout=900)
-    assert proc.returncode == 0, output[-3000:]
+    run_on_two_zero2_processes("elo", cli_overrides(data_cache, tmp_path / "two", sft_model_dir, values))
     one = [r for r in metrics(tmp_path / "one") if "loss" in r]
     two = [r for r in metrics(tmp_path / "two") if "loss" in r]
     assert [r["step"] for r in two] == [1, 2, 3]
@@ -255,10 +259,7 @@ def test_grpo_on_two_deepspeed_processes_equals_one_process(data_cache, sft_mode
               "train.lr_scheduler": "constant", "train.warmup_ratio": 0.0,
               "data.train_file": str(one_answer_prompts), "data.answer_eval_file": str(one_answer_prompts)}
     run_grpo(validate(PPOConfig, stage_overrides(data_cache, tmp_path / "one", sft_model_dir, **values), "test"))
-    proc = torchrun("grpo", cli_overrides(data_cache, tmp_path / "two", sft_model_dir,
-                                          {**values, "train.deepspeed": "configs/deepspeed/zero2.json"}))
-    output, _ = proc.communicate(timeout=900)
-    assert proc.returncode == 0, output[-3000:]
+    run_on_two_zero2_processes("grpo", cli_overrides(data_cache, tmp_path / "two", sft_model_dir, values))
     one = [r for r in metrics(tmp_path / "one") if "policy_loss" in r]
     two = [r for r in metrics(tmp_path / "two") if "policy_loss" in r]
     assert [r["step"] for r in two] == [1, 2, 3]
