@@ -81,8 +81,22 @@ class DataConfig(Section):
     max_per_task: int = Field(2000, ge=1)  # rows per task and training split in the built data
     eval_per_task: int = Field(200, ge=1)  # rows per task in each held-out split
     seed: int = 0  # data build seed (independent of the training seed)
+    # train on these built tasks only (None: all); held-out evaluation always covers every task. RL stages
+    # use it to drop tasks the starting policy never solves: their groups carry no signal.
+    tasks: list[str] | None = None
 
     _paths = field_validator("cache_dir", "train_file", "eval_file", "answer_eval_file")(_check_path)
+
+    @field_validator("tasks")
+    @classmethod
+    def _known_tasks(cls, value: list[str] | None) -> list[str] | None:
+        from m1_align.data.tasks import TASKS
+
+        if value is not None:
+            unknown = [t for t in value if t not in TASKS]
+            if unknown or not value:
+                raise ValueError(f"unknown task(s) {unknown or '[]'}; choose from {sorted(TASKS)} (or null for all)")
+        return value
 
 
 class TrainConfig(Section):

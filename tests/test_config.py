@@ -147,3 +147,9 @@ def test_a_non_finite_loss_stops_the_run_in_one_line(tmp_path):
         callback.on_log(None, state, None, logs={"loss": float("nan")})
     assert "\n" not in str(err.value)
     assert math.isnan(read_metrics(tmp_path)[-1]["loss"])  # the NaN is in metrics.jsonl, not filtered away
+
+
+def test_unknown_data_task_names_the_choices():
+    with pytest.raises(ConfigError) as err:
+        load_config("grpo", None, ["data.tasks=[elixhauser,icd]"])
+    assert "'data.tasks'" in str(err.value) and "icd_code" in str(err.value) and "\n" not in str(err.value)

@@ -431,3 +431,16 @@ def test_build_from_config_uses_cache_dir(tmp_path):
     config = SimpleNamespace(cache_dir=str(tmp_path), seed=0, max_per_task=5, eval_per_task=5)
     out = build_from_config(config)
     assert out == tmp_path / "medical-v2-seed0-max5-eval5" and (out / "manifest.json").is_file()
+
+
+def test_data_tasks_filters_training_splits_but_not_evaluation(tmp_path):
+    from m1_align.config import load_config
+    from m1_align.data.stage_data import eval_rows, rl_rows
+
+    common = [f"data.cache_dir={tmp_path}", "data.max_per_task=5", "data.eval_per_task=5"]
+    every = load_config("ppo", None, common)
+    some = load_config("ppo", None, [*common, "data.tasks=[elixhauser,hpo_disease_mcq]"])
+    assert Counter(r["task"] for r in rl_rows(some)) == {"elixhauser": 5, "hpo_disease_mcq": 5}
+    verifiable = [name for name, task in TASKS.items() if task.verifiable]
+    assert Counter(r["task"] for r in rl_rows(every)) == {name: 5 for name in verifiable}
+    assert eval_rows(some) == eval_rows(every) and {r["task"] for r in eval_rows(some)} == set(verifiable)

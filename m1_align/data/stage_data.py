@@ -21,9 +21,13 @@ def built_dir(cfg: StageConfig) -> Path:
 
 
 def _split(cfg: StageConfig, split: str) -> list[dict[str, Any]]:
-    from m1_align.data.build import read_split_rows
+    """A built split's rows; training splits keep only `data.tasks` when it is set."""
+    from m1_align.data.build import TRAIN_SPLITS, read_split_rows
 
-    return read_split_rows(built_dir(cfg), split)
+    rows = read_split_rows(built_dir(cfg), split)
+    if cfg.data.tasks is not None and split in TRAIN_SPLITS:
+        rows = [r for r in rows if r["task"] in cfg.data.tasks]
+    return rows
 
 
 def _user(path: str, kind: str) -> Dataset:
