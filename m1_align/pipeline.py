@@ -39,8 +39,8 @@ def stage_configs(cfg: PipelineConfig) -> dict[str, StageConfig]:
             update["output_dir"] = str(run_dir / name)
         if "seed" not in stage.model_fields_set:
             update["seed"] = cfg.seed
-        if "data" not in stage.model_fields_set:
-            update["data"] = cfg.data
+        # field by field: `stages.grpo.data.tasks=[...]` keeps the pipeline's build (and so its held-out split)
+        update["data"] = cfg.data.model_copy(update={k: getattr(stage.data, k) for k in stage.data.model_fields_set})
         stage = stage.model_copy(update=update)
         if name != "pretrain" and stage.model.path in (None, "previous"):
             if policy is None:
@@ -112,17 +112,17 @@ def _evaluate_base(cfg: PipelineConfig, first: StageConfig, forced: bool) -> Non
         print(f"base: evaluated earlier ({out}), skipped")
         return
     print(f"base: evaluating the starting model {first.model.path} -> {out}")
-    _run_eval(cfg, first.model.path, first, out)
+    _run_eval(cfg, first.model.path, out)
 
 
 def _evaluate(cfg: PipelineConfig, name: str, stage: StageConfig) -> None:
     """The same held-out evaluation after every policy stage, so the report compares like with like."""
     if name in POLICY_STAGES:
-        _run_eval(cfg, stage.output_dir, stage, Path(stage.output_dir) / "eval")
+        _run_eval(cfg, stage.output_dir, Path(stage.output_dir) / "eval")
 
 
-def _run_eval(cfg: PipelineConfig, model_path: str, stage: StageConfig, out: Path) -> None:
+def _run_eval(cfg: PipelineConfig, model_path: str, out: Path) -> None:
     from m1_align.evaluation.run import run as run_eval
 
     run_eval(cfg.eval.model_copy(update={"model": cfg.eval.model.model_copy(update={"path": model_path}),
-                                         "data": stage.data, "output_dir": str(out), "overwrite": True}))
+                                         "data": cfg.data, "output_dir": str(out), "overwrite": True}))

@@ -103,6 +103,18 @@ def test_every_shipped_config_validates():
         load_config(stage, path)
 
 
+def test_a_stage_data_override_keeps_the_pipelines_other_data_settings():
+    """Setting one data field of a stage must not reset the rest to the defaults: a different build would
+    bring a different held-out split, so the stages' evaluations would stop comparing like with like."""
+    from m1_align import pipeline
+
+    cfg = load_config("pipeline", "configs/smollm2.yaml", ["data.max_per_task=77", "stages.grpo.data.tasks=[elixhauser]"])
+    configs = pipeline.stage_configs(cfg)
+    assert configs["grpo"].data.tasks == ["elixhauser"] and configs["sft"].data.tasks is None
+    assert configs["grpo"].data.max_per_task == configs["sft"].data.max_per_task == 77
+    assert configs["grpo"].data.eval_per_task == cfg.data.eval_per_task
+
+
 @pytest.mark.slow
 def test_pipeline_from_a_pretrained_model_evaluates_it_as_base_and_runs_grpo_beside_ppo(tmp_path, data_cache, tiny_llama_dir):
     """The real-model recipe's shape (configs/smollm2.yaml): no pretrain, LoRA, ppo and grpo both from tdpo."""
