@@ -5,6 +5,10 @@
 Reads <run_dir>/<stage>/eval/eval.json (and base/eval/eval.json). One run: each accuracy with its 95%
 Wilson interval. Several: mean ± population standard deviation over the runs, each run's value in
 brackets, and the Wilson interval of the pooled count (all runs' questions together).
+
+Then each stage against the one it started from, question by question on the verifiable tasks
+(eval_samples.jsonl), pooled over the runs: how many answers became right and how many wrong, and the
+exact two-sided McNemar (sign test) p-value of that split, which a difference in means alone cannot give.
 """
 
 import json
@@ -55,6 +59,42 @@ def cell(values: list[float], counts: list[int] | None) -> str:
     return text
 
 
+PARENT = {"sft": "base", "elo": "sft", "tdpo": "elo", "ppo": "tdpo", "grpo": "tdpo"}  # what each stage starts from
+
+
+def verifiable_answers(run: Path, stage: str) -> dict[tuple[str, str], tuple[bool, str]]:
+    """(task, item) -> (right, the parsed answer)."""
+    path = run / stage / "eval" / "eval_samples.jsonl"
+    if not path.is_file():
+        return {}
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    return {(r["task"], r["item"]): (bool(r["correct"]), str(r.get("parsed"))) for r in rows if r.get("benchmark") == "verifiable"}
+
+
+def mcnemar_p(newly_right: int, newly_wrong: int) -> float:
+    """Exact two-sided sign test on the discordant pairs."""
+    n, k = newly_right + newly_wrong, min(newly_right, newly_wrong)
+    if n == 0:
+        return 1.0
+    return min(1.0, 2 * sum(math.comb(n, i) for i in range(k + 1)) / 2**n)
+
+
+def paired_table(runs: list[Path]) -> None:
+    print("\n| stage vs. the one it started from | questions | answer changed | newly right | newly wrong | McNemar p |")
+    print("|---|---|---|---|---|---|")
+    for stage, parent in PARENT.items():
+        questions = changed = right = wrong = 0
+        for run in runs:
+            after, before = verifiable_answers(run, stage), verifiable_answers(run, parent)
+            shared = after.keys() & before.keys()
+            questions += len(shared)
+            changed += sum(after[q][1] != before[q][1] for q in shared)
+            right += sum(after[q][0] and not before[q][0] for q in shared)
+            wrong += sum(before[q][0] and not after[q][0] for q in shared)
+        if questions:
+            print(f"| {stage} vs. {parent} | {questions} | {changed} | {right} | {wrong} | {mcnemar_p(right, wrong):.2f} |")
+
+
 def main(runs: list[str]) -> None:
     results = [load(Path(r)) for r in runs]
     stages = [s for s in STAGES if any(s in r for r in results)]
@@ -70,6 +110,7 @@ def main(runs: list[str]) -> None:
             cells.append(cell(values, counts))
         n = next((int(r[s][count_key]) for r in results for s in stages if count_key and s in r and count_key in r[s]), None)
         print(f"| {label}{f' ({n})' if n else ''} | " + " | ".join(cells) + " |")
+    paired_table([Path(r) for r in runs])
 
 
 if __name__ == "__main__":
