@@ -151,10 +151,12 @@ def option_logliks(model, tokenizer, rows: list[dict[str, Any]], batch_size: int
     out: list[list[float]] = [[] for _ in rows]
     # questions with as many options share a batch; longest prompts first (little padding)
     order = sorted(range(len(rows)), key=lambda i: (len(options[i]), -len(contexts[i])))
+    progress = tqdm(total=len(rows), desc="option log-likelihood", leave=False, disable=len(rows) <= batch_size)
     for _, same_n in itertools.groupby(order, key=lambda i: len(options[i])):
         same_n = list(same_n)
         for start in range(0, len(same_n), batch_size):
             batch = same_n[start : start + batch_size]
+            progress.update(len(batch))
             n = len(options[batch[0]])
             width = max(len(contexts[i]) for i in batch)
             ids = torch.tensor([[pad] * (width - len(contexts[i])) + contexts[i] for i in batch], device=device)
@@ -176,6 +178,7 @@ def option_logliks(model, tokenizer, rows: list[dict[str, Any]], batch_size: int
             totals = first.gather(-1, opt_ids[:, :1])[:, 0] + rest.sum(1)
             for k, i in enumerate(batch):
                 out[i] = totals[k * n : (k + 1) * n].tolist()
+    progress.close()
     model.train(was_training)
     return out
 
