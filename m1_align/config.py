@@ -353,9 +353,9 @@ class PipelineStages(Section):
 
 class PipelineConfig(Section):
     """Stages run in the order pretrain, sft, elo, tdpo, rm, ppo, grpo; a stage left out is skipped. Within
-    a stage, output_dir, seed and data default to the pipeline's, and model.path to the previous
-    policy stage's output (rm and ppo's critic start from the policy; ppo's and grpo's reward.model from
-    rm). The RL stages ppo and grpo both start from the policy before them, so one run can compare them."""
+    a stage, output_dir, seed and data (field by field) default to the pipeline's, and model.path to the
+    previous policy stage's output (rm and ppo's critic start from the policy; ppo's and grpo's reward.model
+    from rm). The RL stages ppo and grpo both start from the policy before them, so one run can compare them."""
 
     run_dir: str = "runs/quickstart"  # every stage writes run_dir/<stage>/
     seed: int = 42
