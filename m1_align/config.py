@@ -189,6 +189,7 @@ class TDPOSection(Section):
     loss: Literal["tdpo1", "tdpo2", "dpo"] = "tdpo2"
     alpha: float = Field(0.5, ge=0)  # TDPO2 weight of the sequential-KL difference
     beta: float = Field(0.1, gt=0)  # strength of the KL constraint
+    rpo_alpha: float = Field(0.0, ge=0)  # weight of the chosen response's token-mean NLL (RPO); 0: the paper's loss
     kl_chunk_size: int = Field(128, ge=1)  # positions per chunk of the full-vocabulary KL
     ref_model: str | None = None  # default: a frozen copy of model.path (or the adapter-disabled policy)
 

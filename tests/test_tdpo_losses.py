@@ -21,13 +21,13 @@ def make_inputs(seed=0):
     return logits, ref_logits, labels
 
 
-def by_hand(logits, ref_logits, labels, loss, beta, alpha):
+def by_hand(logits, ref_logits, labels, loss, beta, alpha, rpo_alpha=0.0):
     """Plain Python loops over pairs, positions and vocabulary entries."""
     total = 0.0
     for i in range(B):
         terms = []
         for row in (i, i + B):  # chosen, rejected
-            ratio, seq_kl = 0.0, 0.0
+            ratio, seq_kl, logp, n = 0.0, 0.0, 0.0, 0
             for t in range(T):
                 y = int(labels[row, t])
                 if y == -100:
@@ -36,8 +36,10 @@ def by_hand(logits, ref_logits, labels, loss, beta, alpha):
                 q = torch.softmax(ref_logits[row, t], -1)
                 ratio = ratio + torch.log(p[y]) - torch.log(q[y])
                 seq_kl = seq_kl + sum(q[v] * (torch.log(q[v]) - torch.log(p[v])) for v in range(V))
-            terms.append((ratio, seq_kl))
-        (r_w, kl_w), (r_l, kl_l) = terms
+                logp, n = logp + torch.log(p[y]), n + 1
+            terms.append((ratio, seq_kl, logp, n))
+        (r_w, kl_w, logp_w, n_w), (r_l, kl_l, _, _) = terms
+        total = total + rpo_alpha * (-logp_w / n_w)
         u = beta * (r_w - r_l)
         if loss == "tdpo1":
             z = u - beta * (kl_l - kl_w)
@@ -49,9 +51,9 @@ def by_hand(logits, ref_logits, labels, loss, beta, alpha):
     return total / B
 
 
-def ours(logits, ref_logits, labels, loss, beta, alpha, chunk_size):
+def ours(logits, ref_logits, labels, loss, beta, alpha, chunk_size, rpo_alpha=0.0):
     chosen, rejected = token_terms(logits, ref_logits, labels, chunk_size=chunk_size).halves()
-    return preference_loss(chosen, rejected, loss=loss, beta=beta, alpha=alpha)
+    return preference_loss(chosen, rejected, loss=loss, beta=beta, alpha=alpha, rpo_alpha=rpo_alpha)
 
 
 @pytest.mark.parametrize("loss", ["tdpo1", "tdpo2", "dpo"])
@@ -64,6 +66,19 @@ def test_loss_and_gradient_match_hand_computation(loss, chunk_size):
     (grad,) = torch.autograd.grad(value, logits)
     assert value.item() == pytest.approx(expected.item(), rel=1e-10)
     torch.testing.assert_close(grad, expected_grad, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("loss", ["tdpo2", "dpo"])
+def test_rpo_term_adds_the_chosen_token_mean_nll_by_hand(loss):
+    logits, ref_logits, labels = make_inputs(2)
+    expected = by_hand(logits, ref_logits, labels, loss, beta=0.3, alpha=0.7, rpo_alpha=0.6)
+    (expected_grad,) = torch.autograd.grad(expected, logits)
+    value, metrics = ours(logits, ref_logits, labels, loss, beta=0.3, alpha=0.7, chunk_size=3, rpo_alpha=0.6)
+    (grad,) = torch.autograd.grad(value, logits)
+    assert value.item() == pytest.approx(expected.item(), rel=1e-10)
+    torch.testing.assert_close(grad, expected_grad, rtol=1e-9, atol=1e-12)
+    plain, _ = ours(logits, ref_logits, labels, loss, beta=0.3, alpha=0.7, chunk_size=3)
+    assert value.item() - plain.item() == pytest.approx(0.6 * metrics["nll/chosen"].item(), rel=1e-10)
 
 
 def test_tdpo2_with_alpha_zero_is_dpo():

@@ -7,6 +7,7 @@ Notation (per preference pair, w = chosen, l = rejected, sums over response toke
     TDPO1 loss     = -log sigmoid(u - beta * (SeqKL_l - SeqKL_w))
     TDPO2 loss     = -log sigmoid(u - alpha * beta * (SeqKL_l - sg(SeqKL_w)))
     DPO loss       = -log sigmoid(u)
+    + rpo_alpha * NLL_w, NLL_w = -log pi(y_w | x) / |y_w|   (optional; RPO, Pang et al. 2024, TRL's rpo_alpha)
 """
 
 from __future__ import annotations
@@ -79,9 +80,16 @@ def token_terms(
 
 
 def preference_loss(
-    chosen: TokenTerms, rejected: TokenTerms, loss: str = "tdpo2", beta: float = 0.1, alpha: float = 0.5
+    chosen: TokenTerms,
+    rejected: TokenTerms,
+    loss: str = "tdpo2",
+    beta: float = 0.1,
+    alpha: float = 0.5,
+    rpo_alpha: float = 0.0,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Mean loss over pairs and the metrics the trainer logs."""
+    """Mean loss over pairs and the metrics the trainer logs. rpo_alpha > 0 adds the chosen response's
+    token-mean negative log-likelihood: the preference terms alone can widen the margin by pushing the
+    rejected response down while the chosen one drifts down too."""
     u = beta * (chosen.logratio - rejected.logratio)
     if loss == "tdpo1":
         delta = beta * (rejected.sequential_kl - chosen.sequential_kl)
@@ -92,6 +100,9 @@ def preference_loss(
     else:
         raise ValueError(f"unknown preference loss {loss!r}; expected tdpo1, tdpo2 or dpo")
     losses = -F.logsigmoid(u - delta)
+    nll_chosen = -chosen.logp / chosen.n_tokens.clamp_min(1)  # [batch]
+    if rpo_alpha:
+        losses = losses + rpo_alpha * nll_chosen
     # TDPO's implicit reward of a response: beta * (log ratio + sequential KL) (Zeng et al. 2024, the
     # reference code's chosen/rejected rewards); DPO's has no KL term
     kl_term = (lambda terms: terms.sequential_kl.detach()) if loss != "dpo" else (lambda terms: 0.0)
@@ -108,5 +119,6 @@ def preference_loss(
         "seqkl/rejected": rejected.sequential_kl.detach().mean(),
         "logps/chosen": chosen.logp.detach().mean(),
         "logps/rejected": rejected.logp.detach().mean(),
+        "nll/chosen": nll_chosen.detach().mean(),
     }
     return losses.mean(), metrics

@@ -46,9 +46,11 @@ def next_token_targets(logits: torch.Tensor, input_ids: torch.Tensor, completion
 
 
 class TDPOTrainer(WSDScheduleMixin, DPOTrainer):
-    def __init__(self, *args, tdpo_loss: str = "tdpo2", alpha: float = 0.5, kl_chunk_size: int = 128, **kwargs):
+    def __init__(
+        self, *args, tdpo_loss: str = "tdpo2", alpha: float = 0.5, rpo_alpha: float = 0.0, kl_chunk_size: int = 128, **kwargs
+    ):
         super().__init__(*args, **kwargs)
-        self.tdpo_loss, self.alpha, self.kl_chunk_size = tdpo_loss, alpha, kl_chunk_size
+        self.tdpo_loss, self.alpha, self.rpo_alpha, self.kl_chunk_size = tdpo_loss, alpha, rpo_alpha, kl_chunk_size
 
     def _reference_logits(self, model_inputs: dict[str, torch.Tensor]) -> torch.Tensor:
         if self.ref_model is not None:
@@ -70,7 +72,9 @@ class TDPOTrainer(WSDScheduleMixin, DPOTrainer):
         with torch.no_grad(), no_ckpt if peft else contextlib.nullcontext():
             ref_logits, _ = next_token_targets(self._reference_logits(model_inputs), inputs["input_ids"], completion_mask)
         chosen, rejected = token_terms(logits, ref_logits, labels, chunk_size=self.kl_chunk_size).halves()
-        loss, metrics = preference_loss(chosen, rejected, loss=self.tdpo_loss, beta=self.beta, alpha=self.alpha)
+        loss, metrics = preference_loss(
+            chosen, rejected, loss=self.tdpo_loss, beta=self.beta, alpha=self.alpha, rpo_alpha=self.rpo_alpha
+        )
 
         for key, value in metrics.items():
             self._metrics[mode][key].append(self.accelerator.gather_for_metrics(value).mean().item())
@@ -107,6 +111,7 @@ def build_trainer(cfg: TDPOConfig, output_dir: Path, logger: MetricsLogger):
         callbacks=[MetricsCallback(logger), CheckpointMarker()],
         tdpo_loss=cfg.tdpo.loss,
         alpha=cfg.tdpo.alpha,
+        rpo_alpha=cfg.tdpo.rpo_alpha,
         kl_chunk_size=cfg.tdpo.kl_chunk_size,
     )
     trainer.decay_ratio = cfg.train.decay_ratio
