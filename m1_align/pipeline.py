@@ -54,6 +54,12 @@ def stage_configs(cfg: PipelineConfig) -> dict[str, StageConfig]:
     return out
 
 
+def resolved(cfg: PipelineConfig, configs: dict[str, StageConfig]) -> PipelineConfig:
+    """The pipeline with each stage's wiring written out (output_dir, model.path, reward.model, seed,
+    data): run_dir/config.yaml then says where each stage started from and loads back to the same run."""
+    return cfg.model_copy(update={"stages": cfg.stages.model_copy(update=configs)})
+
+
 def select(names: list[str], only: str | None, start: str | None) -> tuple[list[str], set[str]]:
     """Stages to consider and stages to force re-running (--only / --from)."""
     for flag, value in (("--only", only), ("--from", start)):
@@ -70,8 +76,8 @@ def run(cfg: PipelineConfig, only: str | None = None, start: str | None = None) 
     begin = time.time()
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(run_dir / "config.yaml", dump_config(cfg))
     configs = stage_configs(cfg)
+    atomic_write_text(run_dir / "config.yaml", dump_config(resolved(cfg, configs)))
     names, forced = select(list(configs), only, start)
     timings: dict[str, float] = {}
     reported = [n for n in ORDER if n in configs]

@@ -17,6 +17,8 @@ import statistics
 import sys
 from pathlib import Path
 
+import yaml
+
 STAGES = ("base", "pretrain", "sft", "elo", "tdpo", "ppo", "grpo")
 ROWS = [  # (metric, label, count key or None)
     ("verifiable/accuracy", "verifiable tasks, answer accuracy", "verifiable/n"),
@@ -59,7 +61,26 @@ def cell(values: list[float], counts: list[int] | None) -> str:
     return text
 
 
-PARENT = {"sft": "base", "elo": "sft", "tdpo": "elo", "ppo": "tdpo", "grpo": "tdpo"}  # what each stage starts from
+# what each stage starts from in configs/smollm2.yaml; runs whose config.yaml records the wiring (from
+# 2026-11-30 on) are read from it instead
+PARENT = {"sft": "base", "elo": "sft", "tdpo": "elo", "ppo": "tdpo", "grpo": "tdpo"}
+
+
+def parents(run: Path) -> dict[str, str]:
+    """Each policy stage -> the stage of this run whose model it started from ("base" for an outside model)."""
+    path = run / "config.yaml"
+    config = yaml.safe_load(path.read_text()) if path.is_file() else {}
+    stages = config.get("stages") or {}
+    found = {}
+    for stage in PARENT:
+        start = ((stages.get(stage) or {}).get("model") or {}).get("path")
+        if start is None or stage not in stages:
+            found[stage] = PARENT[stage]  # an older dump that does not record it
+        elif Path(start).parent == Path(config["run_dir"]):
+            found[stage] = Path(start).name
+        else:
+            found[stage] = "base"
+    return found
 
 
 def verifiable_answers(run: Path, stage: str) -> dict[tuple[str, str], tuple[bool, str]]:
@@ -82,7 +103,12 @@ def mcnemar_p(newly_right: int, newly_wrong: int) -> float:
 def paired_table(runs: list[Path]) -> None:
     print("\n| stage vs. the one it started from | questions | answer changed | newly right | newly wrong | McNemar p |")
     print("|---|---|---|---|---|---|")
-    for stage, parent in PARENT.items():
+    wiring = [parents(run) for run in runs]
+    for stage in PARENT:
+        starts = {w[stage] for w in wiring}
+        if len(starts) > 1:
+            raise SystemExit(f"{stage} starts from different stages in these runs ({', '.join(sorted(starts))}): pool runs of one recipe")
+        parent = starts.pop()
         questions = changed = right = wrong = 0
         for run in runs:
             after, before = verifiable_answers(run, stage), verifiable_answers(run, parent)

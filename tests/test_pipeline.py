@@ -115,6 +115,23 @@ def test_a_stage_data_override_keeps_the_pipelines_other_data_settings():
     assert configs["grpo"].data.eval_per_task == cfg.data.eval_per_task
 
 
+def test_the_dumped_run_config_loads_back_to_the_same_stage_wiring(tmp_path):
+    """run_dir/config.yaml is the record of a run: loading it must give every stage the same output_dir,
+    starting model and reward model, not the stage defaults (runs/default, no model)."""
+    from m1_align import pipeline
+    from m1_align.config import dump_config
+
+    cfg = load_config("pipeline", "configs/smollm2.yaml", [f"run_dir={tmp_path / 'run'}", "seed=7"])
+    configs = pipeline.stage_configs(cfg)
+    dumped = tmp_path / "config.yaml"
+    dumped.write_text(dump_config(pipeline.resolved(cfg, configs)))
+    again = pipeline.stage_configs(load_config("pipeline", dumped))
+    assert list(again) == list(configs)
+    for name, stage in configs.items():
+        assert again[name] == stage, name
+    assert again["tdpo"].model.path == str(tmp_path / "run" / "elo") and again["grpo"].seed == 7
+
+
 @pytest.mark.slow
 def test_pipeline_from_a_pretrained_model_evaluates_it_as_base_and_runs_grpo_beside_ppo(tmp_path, data_cache, tiny_llama_dir):
     """The real-model recipe's shape (configs/smollm2.yaml): no pretrain, LoRA, ppo and grpo both from tdpo."""
