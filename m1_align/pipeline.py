@@ -89,7 +89,7 @@ def run(cfg: PipelineConfig, only: str | None = None, start: str | None = None) 
         stage = configs[name]
         done = StageResult.load(stage.output_dir)
         if done is not None and name not in forced:
-            print(f"[{i}/{len(names)}] {name}: finished earlier ({done.seconds:.0f}s), skipped")
+            print(f"[{i}/{len(names)}] {name}: finished earlier in {stage.output_dir} ({done.seconds:.0f}s), skipped")
             timings[name] = done.seconds
             if not (Path(stage.output_dir) / "eval" / "eval.json").is_file():  # interrupted during its evaluation
                 _evaluate(cfg, name, stage)

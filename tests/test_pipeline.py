@@ -55,7 +55,7 @@ def test_pipeline_end_to_end(tmp_path, data_cache, monkeypatch, capsys):
 
     pipeline.run(cfg)  # resumes ELO at its checkpoint, then runs the rest
     out = capsys.readouterr().out
-    assert "pretrain: finished earlier" in out and "sft: finished earlier" in out
+    assert "pretrain: finished earlier in" in out and "sft: finished earlier in" in out
     elo_steps = [json.loads(line)["step"] for line in (run_dir / "elo" / "metrics.jsonl").read_text().splitlines()
                  if "time/sample" in line]
     assert elo_steps == [1, 2]
