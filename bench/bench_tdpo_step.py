@@ -8,7 +8,9 @@ reference model (TRL's default: a copy of the policy). Variants:
   - ours, loss=tdpo2 (needs the reference's whole next-token distribution: live reference logits);
   - ours, loss=dpo (the same trainer and batches with the DPO loss; the sequential KL is still computed, for
     the logged seqkl metrics, so this is not a cheaper DPO: TRL's is the DPO baseline);
-  - TRL's DPOTrainer with its own sigmoid loss.
+  - TRL's DPOTrainer with its own sigmoid loss;
+  - with --baseline-tree DIR (an older checkout, e.g. `git worktree add --detach DIR <commit>`): ours, loss=tdpo2,
+    importing m1_align from DIR, so a change to the trainer is measured against its predecessor in one run.
 Step time: mean of the steps after the first (warm-up), from a step-begin/step-end callback; as a fraction of
 the faster dtype's matmul ceiling (measured in the same run) at 8 x params FLOPs per token (policy forward and
 backward, reference forward). Memory: the
@@ -80,37 +82,53 @@ def main() -> None:
     parser.add_argument("--max-length", type=int, default=256)
     parser.add_argument("--dtype", default="float32", help="float32, bfloat16 or auto (bf16 autocast where it pays)")
     parser.add_argument("--data-cache", default="data_cache")
+    parser.add_argument("--variants", default=",".join(VARIANTS), help=f"a comma-separated subset of {','.join(VARIANTS)}")
+    parser.add_argument("--baseline-tree", help="also run ours-tdpo2 with m1_align imported from this older checkout")
     args = parser.parse_args()
     if args.steps < 2:
         parser.error("--steps must be at least 2 (the first step is a warm-up and not timed)")
 
+    variants = [v for v in args.variants.split(",") if v]
+    unknown = set(variants) - set(VARIANTS)
+    if unknown:
+        parser.error(f"--variants: unknown {', '.join(sorted(unknown))}; choose from {', '.join(VARIANTS)}")
+    runs = [(v, v, SCRIPT) for v in variants]
+    if args.baseline_tree:
+        tree = os.path.abspath(args.baseline_tree)
+        if not os.path.isfile(os.path.join(tree, "m1_align", "__init__.py")):
+            parser.error(f"--baseline-tree {args.baseline_tree}: no m1_align/ there")
+        runs.insert(0, (f"ours-tdpo2 ({args.baseline_tree})", "ours-tdpo2", f"import sys; sys.path.insert(0, {tree!r})\n" + SCRIPT))
     ceilings = {dtype: ceiling_gflops(dtype) for dtype in ("float32", "bfloat16")}
     results = {}
-    for variant in VARIANTS:
-        done = subprocess.run([sys.executable, "-c", SCRIPT, variant, args.model, str(args.steps), str(args.batch_size),
+    for label, variant, script in runs:
+        done = subprocess.run([sys.executable, "-c", script, variant, args.model, str(args.steps), str(args.batch_size),
                                str(args.max_length), args.dtype, args.data_cache], capture_output=True, text=True)
         lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
         if done.returncode or not lines:
-            print(f"{variant} did not run here:\n{done.stderr[-2000:]}", file=sys.stderr)
-            results[variant] = None
+            print(f"{label} did not run here:\n{done.stderr[-2000:]}", file=sys.stderr)
+            results[label] = None
             continue
         r = json.loads(lines[-1][len("RESULT "):])
-        results[variant] = {"step_s": sum(r["step_s"]) / len(r["step_s"]), "steps_timed": len(r["step_s"]),
+        results[label] = {"step_s": sum(r["step_s"]) / len(r["step_s"]), "steps_timed": len(r["step_s"]),
                             "step_peak_gib": (r["peak_rss_kb"] - r["rss_before_kb"]) / 2**20,
                             "peak_rss_gib": r["peak_rss_kb"] / 2**20, "tokens_per_step": r["tokens_per_step"]}
-        gflops = 8 * r["parameters"] * r["tokens_per_step"] / results[variant]["step_s"] / 1e9
-        results[variant]["fraction_of_ceiling"] = gflops / max(ceilings.values())
+        gflops = 8 * r["parameters"] * r["tokens_per_step"] / results[label]["step_s"] / 1e9
+        results[label]["fraction_of_ceiling"] = gflops / max(ceilings.values())
     results["load_average"] = os.getloadavg()
     print(json.dumps({"config": vars(args), "matmul_ceiling_gflops": ceilings, "results": results}, indent=2))
     print("\n| trainer | step s | tokens/step | of the faster ceiling | memory a step adds, GiB | peak RSS GiB |\n"
           "|---|---|---|---|---|---|")
-    for variant in VARIANTS:
-        r = results[variant]
-        print(f"| {variant} | " + ("did not run | | | | |" if r is None else
+    for label, _, _ in runs:
+        r = results[label]
+        print(f"| {label} | " + ("did not run | | | | |" if r is None else
               f"{r['step_s']:.2f} | {r['tokens_per_step']:.0f} | {r['fraction_of_ceiling']:.0%} | {r['step_peak_gib']:.2f} | "
               f"{r['peak_rss_gib']:.2f} |"))
     print(f"matmul ceilings (GFLOP/s): {ceilings}")
-    tdpo, dpo, trl = (results[v] for v in VARIANTS)
+    tdpo, dpo, trl = (results.get(v) for v in VARIANTS)
+    if tdpo and args.baseline_tree and results[runs[0][0]]:
+        before = results[runs[0][0]]
+        print(f"\nTDPO now / {args.baseline_tree}: step {tdpo['step_s'] / before['step_s']:.2f}x, "
+              f"memory {tdpo['step_peak_gib'] / before['step_peak_gib']:.2f}x")
     if tdpo and dpo:
         print(f"\nTDPO / our DPO: step {tdpo['step_s'] / dpo['step_s']:.2f}x, memory {tdpo['step_peak_gib'] / dpo['step_peak_gib']:.2f}x")
     if tdpo and trl:

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from m1_align.preference.losses import preference_loss, token_terms
-from m1_align.preference.trainer import next_token_targets
+from m1_align.preference.trainer import next_token_labels
 from m1_align.rl.elo import ReasoningPath, path_batch, path_logprobs, reasoning_tokens
 from m1_align.rl.ppo import response_logprobs, response_values
 
@@ -147,9 +147,8 @@ def test_tdpo_labels_are_the_next_tokens_of_the_completion_only():
     policy, reference = Bigram(2), Bigram(3)
     ids = torch.tensor([[3, 4, 5, 6, PAD], [3, 7, 8, PAD, PAD]])
     completion = torch.tensor([[0, 0, 1, 1, 0], [0, 1, 1, 0, 0]])
-    logits, labels = next_token_targets(policy(ids).logits, ids, completion)
-    ref_logits, _ = next_token_targets(reference(ids).logits, ids, completion)
-    terms = token_terms(logits, ref_logits, labels)
+    labels = next_token_labels(ids, completion)
+    terms = token_terms(policy(ids).logits[:, :-1], reference(ids).logits[:, :-1], labels)
     for i in range(2):
         ts = [t for t in range(5) if completion[i, t]]
         logp = sum(policy.logp(ids[i, t - 1].item(), ids[i, t].item()) for t in ts)
@@ -168,8 +167,7 @@ def test_tdpo_logged_rewards_include_the_sequential_kl():
     policy, reference = Bigram(2), Bigram(3)
     ids = torch.tensor([[3, 4, 5, 6], [3, 4, 8, 9]])
     completion = torch.tensor([[0, 0, 1, 1], [0, 0, 1, 1]])
-    logits, labels = next_token_targets(policy(ids).logits, ids, completion)
-    terms = token_terms(logits, next_token_targets(reference(ids).logits, ids, completion)[0], labels)
+    terms = token_terms(policy(ids).logits[:, :-1], reference(ids).logits[:, :-1], next_token_labels(ids, completion))
     chosen, rejected = terms.halves()
     _, metrics = preference_loss(chosen, rejected, "tdpo2", beta=0.1)
     assert metrics["rewards/chosen"].item() == pytest.approx(0.1 * (chosen.logratio + chosen.sequential_kl).item(), rel=1e-5)

@@ -120,7 +120,8 @@ def test_tdpo_with_lora_takes_the_adapter_disabled_policy_as_reference(data_cach
                  **{"train.max_steps": 3, "train.learning_rate": 5e-3, "model.lora.enabled": True, "model.lora.r": 4,
                     "model.lora.merge_on_save": True})
     m = run("tdpo", cfg).metrics
-    # with the adapter off the network is the reference: no KL before training, some after
-    assert m["before/rewards/margin"] == 0.0 and m["seqkl/chosen"] > 0.0
+    # with the adapter off the network is the reference: no KL before training (up to the rounding of the
+    # output head applied chunk by chunk to the policy and at once to the reference), some after
+    assert abs(m["before/rewards/margin"]) < 1e-6 and m["seqkl/chosen"] > 1e-3
     assert (tmp_path / "lora" / "adapter" / "adapter_config.json").is_file()
     assert (tmp_path / "lora" / "model" / "model.safetensors").is_file()  # merged: what the next stage loads

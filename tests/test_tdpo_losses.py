@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from m1_align.preference.losses import preference_loss, token_terms
+from m1_align.preference.losses import preference_loss, response_window, token_terms
 
 B, T, V = 3, 7, 11
 
@@ -114,3 +114,30 @@ def test_unknown_loss_is_rejected():
     logits, ref_logits, labels = make_inputs()
     with pytest.raises(ValueError, match="tdpo1, tdpo2 or dpo"):
         ours(logits, ref_logits, labels, "ipo", 0.1, 0.5, None)
+
+
+def test_the_response_window_with_the_head_per_chunk_equals_full_logits():
+    """The trainer's path (final hidden states, only each row's response span, the output head applied one
+    chunk at a time) must give the losses and gradients of the plain path over the full [B, T, V] logits:
+    rows whose responses start at different columns, padding after them, and a row with one response token."""
+    g = torch.Generator().manual_seed(3)
+    batch, width, hidden_size = 4, 9, 5
+    hidden = torch.randn(batch, width, hidden_size, generator=g, dtype=torch.float64, requires_grad=True)
+    ref_hidden = torch.randn(batch, width, hidden_size, generator=g, dtype=torch.float64)
+    head = torch.nn.Linear(hidden_size, V, bias=False).double()
+    labels = torch.randint(0, V, (batch, width), generator=g)
+    for row, (start, end) in enumerate([(2, 9), (5, 7), (1, 4), (8, 9)]):
+        labels[row, :start] = -100
+        labels[row, end:] = -100
+    plain = token_terms(head(hidden), head(ref_hidden), labels, chunk_size=None)
+    window_labels, window_hidden, window_ref = response_window(labels, hidden, ref_hidden)
+    assert window_labels.shape == (batch, 7) and (window_labels != -100).sum() == (labels != -100).sum()
+    windowed = token_terms(window_hidden, head(window_ref), window_labels, chunk_size=3, head=head)
+    for field in ("logratio", "sequential_kl", "logp", "n_tokens"):
+        torch.testing.assert_close(getattr(windowed, field), getattr(plain, field), rtol=1e-10, atol=1e-12)
+    loss_plain, _ = preference_loss(*plain.halves(), loss="tdpo2", beta=0.3, alpha=0.7)
+    loss_windowed, _ = preference_loss(*windowed.halves(), loss="tdpo2", beta=0.3, alpha=0.7)
+    grads_plain = torch.autograd.grad(loss_plain, [hidden, head.weight])
+    grads_windowed = torch.autograd.grad(loss_windowed, [hidden, head.weight])
+    for a, b in zip(grads_windowed, grads_plain, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)

@@ -12,6 +12,7 @@ Notation (per preference pair, w = chosen, l = rejected, sums over response toke
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -34,8 +35,11 @@ class TokenTerms:
         return TokenTerms(**first), TokenTerms(**second)
 
 
-def _chunk_token_terms(logits: torch.Tensor, ref_logits: torch.Tensor, labels: torch.Tensor):
-    # logits, ref_logits: [B, c, V]; labels: [B, c] (masked positions hold any valid id)
+def _chunk_token_terms(logits: torch.Tensor, ref_logits: torch.Tensor, labels: torch.Tensor, head=None):
+    # logits, ref_logits: [B, c, V] (logits: hidden states [B, c, H] when a head is given); labels: [B, c]
+    # (masked positions hold any valid id)
+    if head is not None:
+        logits = head(logits)  # [B, c, V], recomputed in backward rather than kept
     # at least float32 (bf16 log-softmax over a large vocabulary loses too much)
     logp = logits.to(torch.promote_types(logits.dtype, torch.float32)).log_softmax(-1)
     ref_logp = ref_logits.to(logp.dtype).log_softmax(-1)
@@ -46,7 +50,11 @@ def _chunk_token_terms(logits: torch.Tensor, ref_logits: torch.Tensor, labels: t
 
 
 def token_terms(
-    logits: torch.Tensor, ref_logits: torch.Tensor, labels: torch.Tensor, chunk_size: int | None = 128
+    logits: torch.Tensor,
+    ref_logits: torch.Tensor,
+    labels: torch.Tensor,
+    chunk_size: int | None = 128,
+    head: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> TokenTerms:
     """Log ratios and sequential KLs from next-token logits.
 
@@ -54,7 +62,9 @@ def token_terms(
     labels: [B, T] with -100 on prompt and padding.
     The float32 log-softmax of both models exists for one chunk of positions at a time; under
     autograd each chunk is recomputed in the backward pass (activation checkpointing), so the peak
-    memory stays close to DPO's, which needs the policy's log-softmax anyway.
+    memory stays close to DPO's, which needs the policy's log-softmax anyway. With `head` (the
+    policy's output layer), `logits` are the policy's final hidden states [B, T, H] and its
+    [B, T, V] logits exist one chunk at a time too.
     """
     mask = labels != -100
     safe_labels = labels.masked_fill(~mask, 0)
@@ -62,7 +72,7 @@ def token_terms(
     step = chunk_size or logits.shape[1]
     kls, logps, ref_logps = [], [], []
     for start in range(0, logits.shape[1], step):
-        piece = (logits[:, start : start + step], ref_logits[:, start : start + step], safe_labels[:, start : start + step])
+        piece = (logits[:, start : start + step], ref_logits[:, start : start + step], safe_labels[:, start : start + step], head)
         if torch.is_grad_enabled() and logits.requires_grad and chunk_size:
             out = checkpoint(_chunk_token_terms, *piece, use_reentrant=False)
         else:
@@ -77,6 +87,25 @@ def token_terms(
         logp=logp.sum(1),
         n_tokens=mask.sum(1),
     )
+
+
+def response_window(labels: torch.Tensor, *states: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Each row's response positions moved to the front: (labels [B, W], states [B, W, *]), W the longest
+    span from a row's first scored position to its last. The loss needs full-vocabulary distributions
+    only where a response token is predicted, so prompt positions never reach the output head.
+    labels: [B, T] with -100 off the response; states: [B, T, *] aligned with labels."""
+    scored = labels != -100  # [B, T]
+    width_all = labels.shape[1]
+    has = scored.any(1)
+    first = torch.where(has, scored.int().argmax(1), 0)  # [B]
+    last = torch.where(has, width_all - 1 - scored.flip(1).int().argmax(1), -1)  # [B]
+    width = max(int((last - first + 1).max()), 1)
+    cols = first[:, None] + torch.arange(width, device=labels.device)  # [B, W]
+    inside = cols <= last[:, None]
+    cols = cols.clamp_max(width_all - 1)
+    window = [labels.gather(1, cols).masked_fill(~inside, -100)]
+    window += [s.gather(1, cols[..., None].expand(-1, -1, s.shape[-1])) for s in states]
+    return tuple(window)
 
 
 def preference_loss(

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 from accelerate.utils import is_peft_model
+from transformers.modeling_outputs import CausalLMOutput
 from trl import DPOConfig, DPOTrainer
 from trl.models.utils import disable_gradient_checkpointing
 from trl.trainer.utils import use_adapter
@@ -21,7 +22,8 @@ from trl.trainer.utils import use_adapter
 from m1_align.config import TDPOConfig
 from m1_align.data.stage_data import eval_rows, preference_datasets
 from m1_align.evaluation.benchmarks import answer_accuracy
-from m1_align.preference.losses import preference_loss, token_terms
+from m1_align.preference.losses import preference_loss, response_window, token_terms
+from m1_align.rl.common import final_hidden_states, output_head
 from m1_align.runs import MetricsLogger, StageResult
 from m1_align.training import (
     CheckpointMarker,
@@ -40,9 +42,9 @@ from m1_align.training import (
 )
 
 
-def next_token_targets(logits: torch.Tensor, input_ids: torch.Tensor, completion_mask: torch.Tensor):
-    """Position t predicts token t+1: logits [B, T-1, V] and labels [B, T-1], -100 off the completion."""
-    return logits[:, :-1], input_ids.masked_fill(completion_mask == 0, -100)[:, 1:]
+def next_token_labels(input_ids: torch.Tensor, completion_mask: torch.Tensor) -> torch.Tensor:
+    """Labels [B, T-1] for positions 0..T-2 (position t predicts token t+1): -100 off the completion."""
+    return input_ids.masked_fill(completion_mask == 0, -100)[:, 1:]
 
 
 class TDPOTrainer(WSDScheduleMixin, DPOTrainer):
@@ -52,26 +54,30 @@ class TDPOTrainer(WSDScheduleMixin, DPOTrainer):
         super().__init__(*args, **kwargs)
         self.tdpo_loss, self.alpha, self.rpo_alpha, self.kl_chunk_size = tdpo_loss, alpha, rpo_alpha, kl_chunk_size
 
-    def _reference_logits(self, model_inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+    def _reference_window_logits(self, input_ids, attention_mask, labels) -> torch.Tensor:
+        """The reference's logits [2B, W, V] on the response window only (no grad)."""
         if self.ref_model is not None:
-            return self.ref_model(**model_inputs).logits
+            hidden = final_hidden_states(self.ref_model, input_ids, attention_mask, None)[:, :-1]
+            return output_head(self.ref_model)(response_window(labels, hidden)[1])
         # LoRA: the reference is the same network with the adapter switched off.
         unwrapped = self.accelerator.unwrap_model(self.model)
         name = "ref" if "ref" in unwrapped.peft_config else None
         with use_adapter(unwrapped, adapter_name=name):
-            return self.model(**model_inputs).logits
+            hidden = final_hidden_states(self.model, input_ids, attention_mask, None)[:, :-1]
+            return output_head(self.model)(response_window(labels, hidden)[1])
 
     def _compute_loss(self, model, inputs, return_outputs):
         mode = "train" if self.model.training else "eval"
-        completion_mask = inputs["completion_mask"]  # [2B, T]: 1 on response tokens
-        model_inputs = {"input_ids": inputs["input_ids"], "attention_mask": inputs["attention_mask"], "use_cache": False}
-        outputs = model(**model_inputs)
-        logits, labels = next_token_targets(outputs.logits, inputs["input_ids"], completion_mask)  # [2B, T-1, V], [2B, T-1]
+        input_ids, attention_mask = inputs["input_ids"], inputs["attention_mask"]  # [2B, T]: chosen; rejected
+        labels = next_token_labels(input_ids, inputs["completion_mask"])  # [2B, T-1]
+        hidden = final_hidden_states(model, input_ids, attention_mask, None)[:, :-1]  # [2B, T-1, H]
+        window_labels, window_hidden = response_window(labels, hidden)  # [2B, W], [2B, W, H]
         peft = is_peft_model(self.accelerator.unwrap_model(self.model)) and self.ref_model is None
         no_ckpt = disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs)
         with torch.no_grad(), no_ckpt if peft else contextlib.nullcontext():
-            ref_logits, _ = next_token_targets(self._reference_logits(model_inputs), inputs["input_ids"], completion_mask)
-        chosen, rejected = token_terms(logits, ref_logits, labels, chunk_size=self.kl_chunk_size).halves()
+            ref_logits = self._reference_window_logits(input_ids, attention_mask, labels)  # [2B, W, V]
+        terms = token_terms(window_hidden, ref_logits, window_labels, chunk_size=self.kl_chunk_size, head=output_head(model))
+        chosen, rejected = terms.halves()
         loss, metrics = preference_loss(
             chosen, rejected, loss=self.tdpo_loss, beta=self.beta, alpha=self.alpha, rpo_alpha=self.rpo_alpha
         )
@@ -81,7 +87,7 @@ class TDPOTrainer(WSDScheduleMixin, DPOTrainer):
         if mode == "train":
             self._total_train_tokens += self.accelerator.gather_for_metrics(inputs["attention_mask"].sum()).sum().item()
             self._metrics[mode]["num_tokens"] = [self._total_train_tokens]
-        return (loss, outputs) if return_outputs else loss
+        return (loss, CausalLMOutput(loss=loss)) if return_outputs else loss  # no [2B, T, V] logits to return
 
 
 def build_trainer(cfg: TDPOConfig, output_dir: Path, logger: MetricsLogger):

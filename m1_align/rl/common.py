@@ -39,6 +39,11 @@ def pack_rows(lengths: list[int], capacity: int) -> list[list[int]]:
     return rows
 
 
+def output_head(model) -> torch.nn.Module:
+    """The (wrapped) model's output layer, hidden states -> logits."""
+    return _unwrap(model).get_output_embeddings()
+
+
 def final_hidden_states(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
                         position_ids: torch.Tensor | None) -> torch.Tensor:
     """The decoder's last hidden states [B, T, H], from a forward through the (wrapped) model with the head
@@ -99,7 +104,7 @@ def causal_lm_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Ten
         hidden = final_hidden_states(model, input_ids, attention_mask, position_ids)
         flat_h = hidden[rows, cols - 1]
     flat_y = input_ids[rows, cols]
-    head = _unwrap(model).get_output_embeddings()
+    head = output_head(model)
 
     def scores(h: torch.Tensor, y: torch.Tensor) -> torch.Tensor:  # [3, n]: log pi_T, entropy, log pi_1
         logits = head(h).float()
