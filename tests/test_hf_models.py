@@ -132,3 +132,18 @@ def test_dtype_auto_keeps_fp32_weights_and_autocasts_only_where_bf16_is_faster(m
         assert training.compute_dtype("auto") == expected
         assert training.training_arguments(cfg, tmp_path)["bf16"] == (expected == torch.bfloat16)
     assert training.compute_dtype("float32") == torch.float32 and training.compute_dtype("bfloat16") == torch.bfloat16
+
+
+def test_log_probs_refuse_a_model_whose_forward_rescales_the_logits():
+    """Log-probs apply the output layer to the decoder's hidden states themselves; Gemma-2's soft-capping
+    (or Cohere's logit_scale) happens after it in forward, so using such a model must stop with a clear error."""
+    from transformers import Gemma2Config, Gemma2ForCausalLM, LlamaConfig, LlamaForCausalLM
+
+    from m1_align.rl.common import output_head
+
+    small = dict(vocab_size=32, hidden_size=8, intermediate_size=16, num_hidden_layers=1, num_attention_heads=1,
+                 num_key_value_heads=1, head_dim=8)
+    with pytest.raises(ValueError, match="final_logit_softcapping"):
+        output_head(Gemma2ForCausalLM(Gemma2Config(**small, final_logit_softcapping=30.0)))
+    llama = LlamaForCausalLM(LlamaConfig(**small))
+    assert output_head(llama) is llama.lm_head

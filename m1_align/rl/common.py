@@ -40,8 +40,14 @@ def pack_rows(lengths: list[int], capacity: int) -> list[list[int]]:
 
 
 def output_head(model) -> torch.nn.Module:
-    """The (wrapped) model's output layer, hidden states -> logits."""
-    return _unwrap(model).get_output_embeddings()
+    """The (wrapped) model's output layer, hidden states -> logits. Log-probs apply it to the decoder's final
+    hidden states themselves, so a model whose forward changes the logits after it is refused."""
+    inner = _unwrap(model)
+    config = getattr(inner, "config", None)
+    if getattr(config, "final_logit_softcapping", None) or getattr(config, "logit_scale", None) not in (None, 1, 1.0):
+        raise ValueError(f"{config.model_type}: its forward rescales the output layer's logits (final_logit_softcapping "
+                         "or logit_scale), which m1-align's log-prob path does not apply; use a model without it")
+    return inner.get_output_embeddings()
 
 
 def final_hidden_states(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
