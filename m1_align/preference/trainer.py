@@ -57,14 +57,14 @@ class TDPOTrainer(WSDScheduleMixin, DPOTrainer):
     def _reference_window_logits(self, input_ids, attention_mask, labels) -> torch.Tensor:
         """The reference's logits [2B, W, V] on the response window only (no grad)."""
         if self.ref_model is not None:
-            hidden = final_hidden_states(self.ref_model, input_ids, attention_mask, None)[:, :-1]
-            return output_head(self.ref_model)(response_window(labels, hidden)[1])
-        # LoRA: the reference is the same network with the adapter switched off.
-        unwrapped = self.accelerator.unwrap_model(self.model)
-        name = "ref" if "ref" in unwrapped.peft_config else None
-        with use_adapter(unwrapped, adapter_name=name):
-            hidden = final_hidden_states(self.model, input_ids, attention_mask, None)[:, :-1]
-            return output_head(self.model)(response_window(labels, hidden)[1])
+            reference, adapter_off = self.ref_model, contextlib.nullcontext()
+        else:  # LoRA: the reference is the same network with the adapter switched off.
+            unwrapped = self.accelerator.unwrap_model(self.model)
+            name = "ref" if "ref" in unwrapped.peft_config else None
+            reference, adapter_off = self.model, use_adapter(unwrapped, adapter_name=name)
+        with adapter_off:
+            hidden = final_hidden_states(reference, input_ids, attention_mask, None)[:, :-1]  # [2B, T-1, H]
+            return output_head(reference)(response_window(labels, hidden)[1])
 
     def _compute_loss(self, model, inputs, return_outputs):
         mode = "train" if self.model.training else "eval"
