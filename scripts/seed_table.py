@@ -74,7 +74,7 @@ def parents(run: Path) -> dict[str, str]:
     found = {}
     for stage in PARENT:
         start = ((stages.get(stage) or {}).get("model") or {}).get("path")
-        if start is None or stage not in stages:
+        if start is None:
             found[stage] = PARENT[stage]  # an older dump that does not record it
         elif Path(start).parent == Path(config["run_dir"]):
             found[stage] = Path(start).name
