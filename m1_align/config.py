@@ -192,12 +192,19 @@ class TDPOSection(Section):
     rpo_alpha: float = Field(0.0, ge=0)  # weight of the chosen response's token-mean NLL (RPO); 0: the paper's loss
     kl_chunk_size: int = Field(128, ge=1)  # positions per chunk of the full-vocabulary KL
     ref_model: str | None = None  # default: a frozen copy of model.path (or the adapter-disabled policy)
+    # built: the data's written pairs; on_policy: the starting model's own samples, a right answer against a wrong
+    # one of the same question (m1_align/preference/on_policy.py), sampled with the `rollout` settings
+    pairs: Literal["built", "on_policy"] = "built"
+    pair_prompts: int = Field(256, ge=1)  # on_policy: verifiable training questions sampled
+    pair_samples: int = Field(4, ge=2)  # on_policy: responses sampled per question
+    pairs_per_prompt: int = Field(2, ge=1)  # on_policy: at most this many pairs from one question
 
     _paths = field_validator("ref_model")(_check_path)
 
 
 class TDPOConfig(StageConfig):
     tdpo: TDPOSection = TDPOSection()
+    rollout: RolloutConfig = RolloutConfig(temperature=0.7, max_new_tokens=96)  # tdpo.pairs=on_policy only
 
 
 class ELOSection(Section):

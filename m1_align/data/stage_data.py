@@ -60,15 +60,20 @@ def _as_trl_preference(row: dict[str, Any], keep: tuple[str, ...]) -> dict[str, 
     }
 
 
-def preference_datasets(cfg: StageConfig, keep: tuple[str, ...] = ()) -> tuple[Dataset, Dataset | None]:
+def preference_datasets(
+    cfg: StageConfig, keep: tuple[str, ...] = (), train_rows: list[dict[str, Any]] | None = None
+) -> tuple[Dataset, Dataset | None]:
     """(train, held-out) pairs in TRL's conversational prompt/chosen/rejected format, with a `subset`
-    column (the task) and any `keep` columns (e.g. a margin)."""
+    column (the task) and any `keep` columns (e.g. a margin). `train_rows`: pairs made elsewhere (sampled
+    on-policy) instead of the data's training pairs; the held-out pairs stay the data's."""
     if cfg.data.train_file:
-        train = [_as_trl_preference(r, keep) for r in _user(cfg.data.train_file, "preference")]
-        held = [_as_trl_preference(r, keep) for r in _user(cfg.data.eval_file, "preference")] if cfg.data.eval_file else None
+        train = train_rows if train_rows is not None else _user(cfg.data.train_file, "preference")
+        held = _user(cfg.data.eval_file, "preference") if cfg.data.eval_file else None
     else:
-        train = [_as_trl_preference(r, keep) for r in _split(cfg, "preference")]
-        held = [_as_trl_preference(r, keep) for r in limit_per_task(_split(cfg, "eval_preference"), cfg.train.eval_limit)]
+        train = train_rows if train_rows is not None else _split(cfg, "preference")
+        held = limit_per_task(_split(cfg, "eval_preference"), cfg.train.eval_limit)
+    train = [_as_trl_preference(r, keep) for r in train]
+    held = [_as_trl_preference(r, keep) for r in held] if held else None
     return Dataset.from_list(train), Dataset.from_list(held) if held else None
 
 

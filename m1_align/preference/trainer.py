@@ -9,6 +9,7 @@ Built on TRL 1.16.0's private `_compute_loss` hook: the version is pinned in pyp
 from __future__ import annotations
 
 import contextlib
+import json
 import time
 from pathlib import Path
 
@@ -23,6 +24,7 @@ from m1_align.config import TDPOConfig
 from m1_align.data.stage_data import eval_rows, preference_datasets
 from m1_align.evaluation.benchmarks import answer_accuracy
 from m1_align.preference.losses import preference_loss, response_window, token_terms
+from m1_align.preference.on_policy import on_policy_pairs
 from m1_align.rl.common import final_hidden_states, output_head
 from m1_align.runs import MetricsLogger, StageResult
 from m1_align.training import (
@@ -93,7 +95,11 @@ class TDPOTrainer(WSDScheduleMixin, DPOTrainer):
 def build_trainer(cfg: TDPOConfig, output_dir: Path, logger: MetricsLogger):
     model_dir = resolve_model_dir(cfg.model.path)
     tokenizer = load_tokenizer(cfg.model, model_dir)
-    train_dataset, eval_dataset = preference_datasets(cfg)
+    pairs = None
+    if cfg.tdpo.pairs == "on_policy":  # sampled before the trainer exists: the engine's memory is freed by then
+        pairs, counts = on_policy_pairs(cfg, model_dir, tokenizer, output_dir)
+        logger.log(0, **counts)
+    train_dataset, eval_dataset = preference_datasets(cfg, train_rows=pairs)
     policy = load_model(cfg.model, model_dir=model_dir)
     ref_model = None
     if not cfg.model.lora.enabled:
@@ -130,6 +136,8 @@ def run(cfg: TDPOConfig) -> StageResult:
     logger = MetricsLogger(output_dir, run_name="tdpo")
     trainer, tokenizer = build_trainer(cfg, output_dir, logger)
     metrics = {}
+    if cfg.tdpo.pairs == "on_policy":
+        metrics.update(json.loads((output_dir / "pairs_counts.json").read_text()))
     if trainer.eval_dataset is not None:
         before = trainer.evaluate()
         metrics.update({"before/" + k.removeprefix("eval_"): v for k, v in before.items() if k.startswith(("eval_rewards", "eval_preference"))})
