@@ -15,9 +15,11 @@ import json
 import logging
 import random
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from tqdm.auto import tqdm
 from transformers import AutoConfig
 
 import m1_align.model  # noqa: F401  registers baichuan_m1 with AutoConfig
@@ -25,13 +27,14 @@ from m1_align.config import ConfigError, TDPOConfig
 from m1_align.data.stage_data import rl_rows
 from m1_align.evaluation.benchmarks import prompt_ids
 from m1_align.reward_models.rules import score as rule_score
-from m1_align.rl.rollout import Completion, SamplingSettings, engine_max_len, make_engine
+from m1_align.rl.rollout import Completion, SamplingSettings, engine_max_len, make_engine, vllm_available
 from m1_align.runs import atomic_write_text
 from m1_align.training import compute_dtype
 
 logger = logging.getLogger(__name__)
 
 PAIRS_FILE = "pairs.jsonl"
+SAMPLING_CHUNK = 32  # questions per engine call
 
 
 def right_wrong_pairs(samples: Sequence[Completion], scores: Sequence[float], per_prompt: int) -> list[tuple[str, str]]:
@@ -55,7 +58,14 @@ def sample_pairs(
     judge: Callable[[dict[str, Any], str], float] = lambda row, text: rule_score(row["rule"], text, row["answer"]).score,
 ) -> tuple[list[dict[str, Any]], dict[str, float]]:
     """Pairs in the built preference split's format (prompt messages, chosen, rejected, task), and counts."""
-    completions = engine.generate([prompt_ids(tokenizer, row["prompt"]) for row in rows], settings)
+    prompts = [prompt_ids(tokenizer, row["prompt"]) for row in rows]
+    completions = []
+    with tqdm(total=len(rows), desc="sampling on-policy pairs", unit="question") as progress:
+        for start in range(0, len(rows), SAMPLING_CHUNK):  # chunks only for the progress bar: the engine batches each
+            # a fresh draw per chunk: a seeded CPU engine would otherwise reuse one random stream for every chunk
+            chunk_settings = replace(settings, seed=None if settings.seed is None else settings.seed + start)
+            completions += engine.generate(prompts[start : start + SAMPLING_CHUNK], chunk_settings)
+            progress.update(len(prompts[start : start + SAMPLING_CHUNK]))
     pairs, n_right, n_samples = [], 0, 0
     for row, samples in zip(rows, completions, strict=True):
         scores = [judge(row, sample.text) for sample in samples]
@@ -80,9 +90,10 @@ def on_policy_pairs(cfg: TDPOConfig, model_dir: Path, tokenizer, output_dir: Pat
                           "or data.train_file in the rl format); use tdpo.pairs=built for written pairs")
     random.Random(cfg.seed).shuffle(rows)
     rows = rows[: t.pair_prompts]
+    kind = r.engine if r.engine != "auto" else ("vllm" if vllm_available() else "hf")
     engine = make_engine(
-        r.engine, model_dir=str(model_dir), tokenizer=tokenizer, **(
-            {} if r.engine == "hf" else {
+        kind, model_dir=str(model_dir), tokenizer=tokenizer, **(
+            {} if kind == "hf" else {
                 "dtype": str(compute_dtype(cfg.model.dtype)).removeprefix("torch."), "kv_cache_gib": r.kv_cache_gib,
                 "gpu_memory_utilization": r.gpu_memory_utilization, "enforce_eager": r.enforce_eager,
                 "in_process": r.in_process, "seed": cfg.seed,
