@@ -17,11 +17,11 @@ def sample(text: str, finish: str = "stop") -> Completion:
 
 
 def test_pairs_take_right_finished_answers_against_wrong_ones():
-    samples = [sample("r1"), sample("w1"), sample("r-cut", "length"), sample("r1"), sample("w2"), sample("w-cut", "length")]
-    scores = [1.0, 0.0, 1.0, 1.0, 0.0, 0.0]
+    samples = [sample("r1"), sample("w1"), sample("r-cut", "length"), sample("r1"), sample("r2"), sample("w-cut", "length")]
+    scores = [1.0, 0.0, 1.0, 1.0, 1.0, 0.0]
     # the cut-off right answer is neither chosen nor rejected; the repeated right one counts once; a cut-off
     # wrong answer is still wrong
-    assert right_wrong_pairs(samples, scores, per_prompt=3) == [("r1", "w1")]
+    assert right_wrong_pairs(samples, scores, per_prompt=3) == [("r1", "w1"), ("r2", "w-cut")]
     two_right = [sample("r1"), sample("r2"), sample("w1"), sample("w2"), sample("w3")]
     assert right_wrong_pairs(two_right, [1, 1, 0, 0, 0], per_prompt=3) == [("r1", "w1"), ("r2", "w2")]
     assert right_wrong_pairs(two_right, [1, 1, 0, 0, 0], per_prompt=1) == [("r1", "w1")]
