@@ -8,7 +8,9 @@ prompt and new tokens, one optimiser pass per batch. All three sample with HF ge
 `--engine vllm` gives ours its vLLM engine (fp32, as the trainer). TRL keeps HF generate either way: its vLLM
 mode needs a server or CUDA colocation. Ours read their per-step time split from metrics.jsonl; TRL's step
 time comes from its trainer state. Peak memory is each process's maximum resident set size. The
-first step is dropped (warm-up). Prints JSON and a table.
+first step is dropped (warm-up). `--dtype bfloat16` runs all of them with bf16 autocast over fp32 weights
+(ours: model.dtype=auto where this CPU's bf16 matmul is faster, and its vLLM engine samples in bf16; TRL:
+bf16=True); the default is fp32 for all. Prints JSON and a table.
 """
 
 import argparse
@@ -19,6 +21,8 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+
+import torch
 
 PARTS = ("time/generate", "time/score", "time/train", "time/sync")
 PEAK = "import resource, runpy, sys; sys.argv = sys.argv[1:]; {body}; " \
@@ -32,7 +36,8 @@ def ours(command: str, estimator: str, args, out: Path, prompts_file: Path) -> t
         f"ppo.samples_per_prompt={args.samples}", f"ppo.minibatch_size={args.prompts * args.samples}", "ppo.ppo_epochs=1",
         f"ppo.advantage_estimator={estimator}", *(["ppo.kl_loss_coef=0"] if estimator == "grpo" else []),  # TRL's beta=0
         f"rollout.max_new_tokens={args.new_tokens}", "train.save_steps=1000",
-        f"data.cache_dir={args.data_cache}", "ppo.missing_eos_penalty=0", "model.dtype=float32",  # TRL runs fp32 too
+        f"data.cache_dir={args.data_cache}", "ppo.missing_eos_penalty=0",
+        f"model.dtype={'auto' if args.dtype == 'bfloat16' else 'float32'}",  # the dtype TRL runs in
         f"data.train_file={prompts_file}",  # the prompts TRL gets
     ]
     body = "from m1_align.cli import main; main()"
@@ -50,7 +55,7 @@ from datasets import Dataset
 from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
 from trl import GRPOConfig, GRPOTrainer
 from m1_align.reward_models.rules import score
-model_dir, out, steps, prompts, samples, new_tokens, prompts_file = sys.argv[1:8]
+model_dir, out, steps, prompts, samples, new_tokens, prompts_file, dtype = sys.argv[1:9]
 rows = [json.loads(line) for line in open(prompts_file)]
 data = Dataset.from_list([{"prompt": r["prompt"], "answer": r["answer"], "rule": r["rule"]} for r in rows])
 def rule_reward(completions, answer, rule, **kw):
@@ -63,7 +68,7 @@ tok = AutoTokenizer.from_pretrained(model_dir)
 cfg = GRPOConfig(output_dir=out, per_device_train_batch_size=int(prompts) * int(samples), num_generations=int(samples),
                  max_completion_length=int(new_tokens), max_steps=int(steps), learning_rate=5e-5, beta=0.0,
                  use_cpu=True, report_to="none", save_strategy="no", logging_steps=1, use_vllm=False,
-                 steps_per_generation=1, num_iterations=1)
+                 steps_per_generation=1, num_iterations=1, bf16=dtype == "bfloat16")
 trainer = GRPOTrainer(model=AutoModelForCausalLM.from_pretrained(model_dir), reward_funcs=rule_reward, args=cfg,
                       train_dataset=data, processing_class=tok, callbacks=[Timer()])
 trainer.train()
@@ -76,7 +81,7 @@ def trl(args, out: Path, prompts_file: Path) -> tuple[list[float], list[float], 
     model_dir = Path(args.model) / "model" if (Path(args.model) / "model" / "config.json").is_file() else Path(args.model)
     body = f"exec(compile({TRL_SCRIPT!r}, 'trl_grpo', 'exec'))"
     done = subprocess.run([sys.executable, "-c", PEAK.format(body=body), "trl", str(model_dir), str(out), str(args.steps),
-                           str(args.prompts), str(args.samples), str(args.new_tokens), str(prompts_file)],
+                           str(args.prompts), str(args.samples), str(args.new_tokens), str(prompts_file), args.dtype],
                           capture_output=True, text=True)
     if done.returncode:  # said so in the table, with TRL's own last words
         print("TRL GRPOTrainer did not run here:\n" + done.stderr[-1500:], file=sys.stderr)
@@ -114,7 +119,15 @@ def main() -> None:
     parser.add_argument("--skip-ppo", action="store_true", help="only GRPO against TRL's GRPOTrainer")
     parser.add_argument("--engine", choices=("hf", "vllm"), default="hf",
                         help="ours' rollout engine (TRL samples with HF generate here either way: its vLLM mode needs CUDA)")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                        help="bfloat16: bf16 autocast for every trainer (only where this CPU's bf16 matmul is faster)")
     args = parser.parse_args()
+    if args.dtype == "bfloat16":
+        from m1_align.training import compute_dtype
+
+        if compute_dtype("auto") != torch.bfloat16:
+            parser.error("--dtype bfloat16: bf16 matmuls are not faster than fp32 on this machine, so model.dtype=auto "
+                         "would run fp32; compare in float32")
 
     results = {}
     with tempfile.TemporaryDirectory() as tmp:

@@ -193,7 +193,8 @@ class TDPOSection(Section):
     kl_chunk_size: int = Field(128, ge=1)  # positions per chunk of the full-vocabulary KL
     ref_model: str | None = None  # default: a frozen copy of model.path (or the adapter-disabled policy)
     # built: the data's written pairs; on_policy: the starting model's own samples, a right answer against a wrong
-    # one of the same question (m1_align/preference/on_policy.py), sampled with the `rollout` settings
+    # one of the same question (m1_align/preference/on_policy.py), sampled with the `rollout` settings; the questions
+    # come from the built rl split, or from data.train_file read in the rl format (prompt, answer, rule)
     pairs: Literal["built", "on_policy"] = "built"
     pair_prompts: int = Field(256, ge=1)  # on_policy: verifiable training questions sampled
     pair_samples: int = Field(4, ge=2)  # on_policy: responses sampled per question

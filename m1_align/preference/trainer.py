@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import torch
+from accelerate import PartialState
 from accelerate.utils import is_peft_model
 from transformers.modeling_outputs import CausalLMOutput
 from trl import DPOConfig, DPOTrainer
@@ -97,7 +98,8 @@ def build_trainer(cfg: TDPOConfig, output_dir: Path, logger: MetricsLogger):
     tokenizer = load_tokenizer(cfg.model, model_dir)
     pairs = None
     if cfg.tdpo.pairs == "on_policy":  # sampled before the trainer exists: the engine's memory is freed by then
-        pairs, counts = on_policy_pairs(cfg, model_dir, tokenizer, output_dir)
+        with PartialState().main_process_first():  # the main process samples; the others then read its file
+            pairs, counts = on_policy_pairs(cfg, model_dir, tokenizer, output_dir)
         logger.log(0, **counts)
     train_dataset, eval_dataset = preference_datasets(cfg, train_rows=pairs)
     policy = load_model(cfg.model, model_dir=model_dir)
