@@ -1,6 +1,6 @@
 """The README's results tables: held-out metrics of every stage over several seeds of a pipeline.
 
-    .venv/bin/python scripts/seed_table.py runs/smollm2-seed42 runs/smollm2-seed43 runs/smollm2-seed44
+    .venv/bin/python scripts/seed_table.py runs/smollm2-seed42 runs/smollm2-seed43 runs/smollm2-seed44 [--plot FILE.png]
 
 Reads <run_dir>/<stage>/eval/eval.json (and base/eval/eval.json). One run: each accuracy with its 95%
 Wilson interval. Several: mean ± population standard deviation over the runs, each run's value in
@@ -9,6 +9,9 @@ brackets, and the Wilson interval of the pooled count (all runs' questions toget
 Then each stage against the one it started from, question by question on the verifiable tasks
 (eval_samples.jsonl), pooled over the runs: how many answers became right and how many wrong, and the
 exact two-sided McNemar (sign test) p-value of that split, which a difference in means alone cannot give.
+
+--plot FILE.png: held-out verifiable accuracy stage by stage, one line per run, the pooled accuracy with its
+95% Wilson interval over them.
 """
 
 import json
@@ -139,5 +142,52 @@ def main(runs: list[str]) -> None:
     paired_table([Path(r) for r in runs])
 
 
+def plot(runs: list[str], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    results = [load(Path(r)) for r in runs]
+    key, count_key = "verifiable/accuracy", "verifiable/n"
+    stages = [s for s in STAGES if any(key in r.get(s, {}) for r in results)]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for run, result in zip(runs, results, strict=True):
+        xs = [i for i, s in enumerate(stages) if key in result.get(s, {})]
+        ax.plot(xs, [result[stages[i]][key] for i in xs], marker=".", alpha=0.4, label=Path(run).name)
+    pooled, low, high = [], [], []
+    for stage in stages:
+        present = [r[stage] for r in results if key in r.get(stage, {})]
+        right, n = sum(m[key] * m[count_key] for m in present), sum(int(m[count_key]) for m in present)
+        lo, hi = wilson(right, n)
+        pooled.append(right / n)
+        low.append(right / n - lo)
+        high.append(hi - right / n)
+    ax.errorbar(range(len(stages)), pooled, yerr=[low, high], color="black", marker="o", capsize=4,
+                label="pooled, 95% Wilson interval")
+    ax.set_xticks(range(len(stages)), stages)
+    wiring = parents(Path(runs[0]))
+    branches = [f"{s} and {t}" for s, t in zip(stages, stages[1:]) if wiring.get(s) == wiring.get(t) and s in wiring]
+    if branches:  # side by side stages (PPO and GRPO), joined by a line only for the eye
+        ax.set_xlabel(", ".join(f"{b} start from the same model" for b in branches))
+    ax.set_ylabel("held-out verifiable accuracy")
+    ax.set_title(f"stage by stage over {len(runs)} runs")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    print(f"\nplot: {path}")
+
+
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    args = sys.argv[1:]
+    target = None
+    if "--plot" in args:
+        at = args.index("--plot")
+        if at + 1 >= len(args) or not args[at + 1].endswith(".png"):
+            raise SystemExit("--plot needs a .png file name, e.g. --plot docs/smollm2_stages.png")
+        target = args[at + 1]
+        del args[at : at + 2]
+    main(args)
+    if target:
+        plot(args, target)
