@@ -45,6 +45,9 @@ def ours(command: str, estimator: str, args, out: Path, prompts_file: Path) -> t
                           env={**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}, capture_output=True, text=True)
     if done.returncode:
         raise SystemExit(done.stderr[-3000:])
+    if args.dtype == "bfloat16" and "-> bf16 autocast" not in done.stdout + done.stderr:
+        raise SystemExit(f"{command}: model.dtype=auto chose fp32 in the trainer's process (its bf16 probe); rerun on a "
+                         "quieter machine or compare in float32")
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     return [r for r in rows if "time/generate" in r][1:], peak_gib(done.stderr)
 

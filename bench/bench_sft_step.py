@@ -89,7 +89,7 @@ def main() -> None:
         r = json.loads(lines[-1][len("RESULT "):])
         seconds, tokens = sum(r["step_s"]), sum(r["tokens"])
         gflops = flops_per_param * r["parameters"] * tokens / seconds / 1e9
-        picked = "bfloat16" if dtype == "auto" and "-> bf16 autocast" in done.stdout else "float32"
+        picked = "bfloat16" if dtype == "auto" and "-> bf16 autocast" in done.stdout + done.stderr else "float32"
         own = ceilings[picked]
         results[label] = {"compute_dtype": picked, "step_s": seconds / len(r["step_s"]), "tokens_per_step": tokens / len(r["tokens"]),
                           "tokens_per_s": tokens / seconds, "gflops": gflops, "of_own_ceiling": gflops / own,

@@ -46,7 +46,7 @@ if variant.startswith("ours"):
     from m1_align.preference.trainer import build_trainer
     from m1_align.runs import MetricsLogger
     from pathlib import Path
-    trainer, _ = build_trainer(cfg, Path(cfg.output_dir), MetricsLogger(Path(cfg.output_dir), run_name="bench"))
+    trainer = build_trainer(cfg, Path(cfg.output_dir), MetricsLogger(Path(cfg.output_dir), run_name="bench"))[0]
 else:
     from trl import DPOConfig, DPOTrainer
     from m1_align.data.stage_data import preference_datasets

@@ -160,14 +160,15 @@ def plot(runs: list[str], path: str) -> None:
         present = [r[stage] for r in results if key in r.get(stage, {})]
         right, n = sum(m[key] * m[count_key] for m in present), sum(int(m[count_key]) for m in present)
         lo, hi = wilson(right, n)
-        pooled.append(right / n)
-        low.append(right / n - lo)
-        high.append(hi - right / n)
+        mean = right / n if n else float("nan")
+        pooled.append(mean)
+        low.append(mean - lo)
+        high.append(hi - mean)
     ax.errorbar(range(len(stages)), pooled, yerr=[low, high], color="black", marker="o", capsize=4,
                 label="pooled, 95% Wilson interval")
     ax.set_xticks(range(len(stages)), stages)
     wiring = parents(Path(runs[0]))
-    branches = [f"{s} and {t}" for s, t in zip(stages, stages[1:]) if wiring.get(s) == wiring.get(t) and s in wiring]
+    branches = [f"{s} and {t}" for s, t in zip(stages, stages[1:], strict=False) if wiring.get(s) == wiring.get(t) and s in wiring]
     if branches:  # side by side stages (PPO and GRPO), joined by a line only for the eye
         ax.set_xlabel(", ".join(f"{b} start from the same model" for b in branches))
     ax.set_ylabel("held-out verifiable accuracy")

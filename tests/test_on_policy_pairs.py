@@ -43,7 +43,7 @@ def test_sampled_pairs_are_the_models_own_samples_judged_right_and_wrong(tiny_ll
     # every even token id stops: samples of uneven length, some cut off at the limit
     settings = SamplingSettings(n=6, temperature=1.0, max_new_tokens=6, stop_token_ids=tuple(range(0, len(tok), 2)), seed=0)
     pairs, counts = sample_pairs(engine, tok, rows, settings, per_prompt=2, judge=parity)
-    assert counts["pairs/prompts"] == 8 and 0 < counts["pairs/sample_accuracy"] < 1
+    assert counts["pairs/prompts"] == 8 and counts["pairs/samples"] == 48 and 0 < counts["pairs/right_samples"] < 48
     assert 0 < len(pairs) == counts["pairs/count"] <= 16
     for pair in pairs:
         assert parity(None, pair["chosen"]) == 1.0 and parity(None, pair["rejected"]) == 0.0
@@ -51,7 +51,7 @@ def test_sampled_pairs_are_the_models_own_samples_judged_right_and_wrong(tiny_ll
 
     cut_off = SamplingSettings(n=6, temperature=1.0, max_new_tokens=6, stop_token_ids=(), seed=0)
     pairs, counts = sample_pairs(engine, tok, rows, cut_off, per_prompt=2, judge=parity)
-    assert counts["pairs/sample_accuracy"] > 0 and pairs == []  # right but cut off: never chosen
+    assert counts["pairs/right_samples"] > 0 and pairs == []  # right but cut off: never chosen
 
 
 def tdpo_config(data_cache, out, model_dir, **extra):
@@ -63,6 +63,7 @@ def tdpo_config(data_cache, out, model_dir, **extra):
 
 def test_tdpo_trains_on_sampled_pairs_and_reuses_them_on_resume(data_cache, tiny_llama_dir, tmp_path, monkeypatch):
     from m1_align.preference import on_policy, trainer
+    from m1_align.runs import MetricsLogger
 
     # the random model never writes a right answer, so a parity rule stands in for the answer check; it rarely
     # ends its turn either, so every even token id ends it here
@@ -75,9 +76,23 @@ def test_tdpo_trains_on_sampled_pairs_and_reuses_them_on_resume(data_cache, tiny
     assert result.metrics["steps"] == 2 and result.metrics["pairs/count"] == len(pairs) > 0
     assert all(parity(None, p["chosen"]) == 1.0 > parity(None, p["rejected"]) for p in pairs)
 
-    # an interrupted run finds its pairs written and does not sample again
+    # an interrupted run finds its pairs written and trains on them without sampling again
+    sampled = on_policy.sample_pairs
     monkeypatch.setattr(on_policy, "sample_pairs", lambda *a, **k: pytest.fail("sampled again"))
-    assert on_policy.on_policy_pairs(tdpo_config(data_cache, out, tiny_llama_dir), tiny_llama_dir, None, out)[0] == pairs
+    again = tmp_path / "again"
+    again.mkdir()
+    for name in ("pairs.jsonl", "pairs_counts.json"):
+        (again / name).write_text((out / name).read_text())
+    built, _, counts = trainer.build_trainer(tdpo_config(data_cache, again, tiny_llama_dir), again, MetricsLogger(again))
+    assert counts["pairs/count"] == len(pairs) == len(built.train_dataset)
+    assert sorted(r["chosen"][0]["content"] for r in built.train_dataset) == sorted(p["chosen"] for p in pairs)
+
+    # other sampling settings: the written pairs are not theirs, so they are sampled again
+    monkeypatch.setattr(on_policy, "sample_pairs", sampled)
+    resampled, _, fresh = on_policy.on_policy_pairs(
+        tdpo_config(data_cache, again, tiny_llama_dir, **{"rollout.temperature": 0.9}), tiny_llama_dir,
+        built.processing_class, again)
+    assert fresh and resampled
 
 
 def test_no_right_answer_among_the_samples_is_a_clear_error(data_cache, tiny_llama_dir, tmp_path):
@@ -86,3 +101,27 @@ def test_no_right_answer_among_the_samples_is_a_clear_error(data_cache, tiny_lla
     with pytest.raises(ConfigError, match="tdpo.pairs=on_policy: none of 6 questions"):
         trainer.run(tdpo_config(data_cache, tmp_path / "none", tiny_llama_dir))
     assert not (tmp_path / "none" / "pairs.jsonl").exists()
+
+
+@pytest.mark.slow
+def test_two_processes_share_the_sampling_and_stop_together_on_no_pairs(data_cache, tiny_llama_dir, tmp_path):
+    """Each process samples its half of the questions; a finding on the gathered result (here: no right answer
+    anywhere) stops every process with the same one-line error instead of leaving one waiting for the other."""
+    import os
+    import subprocess
+    import sys
+
+    from conftest import SMALL_DATA
+
+    out = tmp_path / "two"
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "m1_align.cli", "tdpo",
+        f"output_dir={out}", f"model.path={tiny_llama_dir}", f"data.cache_dir={data_cache}", "model.dtype=float32",
+        *(f"data.{k}={v}" for k, v in SMALL_DATA.items()),
+        "tdpo.pairs=on_policy", "tdpo.pair_prompts=6", "rollout.engine=hf", "rollout.max_new_tokens=8",
+        "train.max_steps=2", "train.batch_size=2", "train.eval_limit=1",
+    ]
+    done = subprocess.run(command, env={**os.environ, "DS_ACCELERATOR": "cpu"}, capture_output=True, text=True, timeout=600)
+    assert done.returncode != 0
+    assert done.stderr.count("none of 6 questions had both a right and a wrong answer") == 2, done.stderr[-3000:]
+    assert not (out / "pairs.jsonl").exists()

@@ -9,12 +9,10 @@ Built on TRL 1.16.0's private `_compute_loss` hook: the version is pinned in pyp
 from __future__ import annotations
 
 import contextlib
-import json
 import time
 from pathlib import Path
 
 import torch
-from accelerate import PartialState
 from accelerate.utils import is_peft_model
 from transformers.modeling_outputs import CausalLMOutput
 from trl import DPOConfig, DPOTrainer
@@ -94,13 +92,21 @@ class TDPOTrainer(WSDScheduleMixin, DPOTrainer):
 
 
 def build_trainer(cfg: TDPOConfig, output_dir: Path, logger: MetricsLogger):
+    """The trainer, its tokenizer, and the on-policy pairs' counts ({} for the built pairs)."""
     model_dir = resolve_model_dir(cfg.model.path)
     tokenizer = load_tokenizer(cfg.model, model_dir)
-    pairs = None
-    if cfg.tdpo.pairs == "on_policy":  # sampled before the trainer exists: the engine's memory is freed by then
-        with PartialState().main_process_first():  # the main process samples; the others then read its file
-            pairs, counts = on_policy_pairs(cfg, model_dir, tokenizer, output_dir)
-        logger.log(0, **counts)
+    # first: the arguments set up the processes (and their timeout) that on-policy sampling shares out its work over
+    args = DPOConfig(
+        **training_arguments(cfg, output_dir),
+        beta=cfg.tdpo.beta,
+        max_length=cfg.train.max_length,
+        precompute_ref_log_probs=False,
+    )
+    pairs, counts = None, {}
+    if cfg.tdpo.pairs == "on_policy":  # sampled before the models load: the engine's memory is freed by then
+        pairs, counts, fresh = on_policy_pairs(cfg, model_dir, tokenizer, output_dir)
+        if fresh and args.process_index == 0:
+            logger.log(0, **counts)
     train_dataset, eval_dataset = preference_datasets(cfg, train_rows=pairs)
     policy = load_model(cfg.model, model_dir=model_dir)
     ref_model = None
@@ -108,12 +114,6 @@ def build_trainer(cfg: TDPOConfig, output_dir: Path, logger: MetricsLogger):
         ref_dir = resolve_model_dir(cfg.tdpo.ref_model) if cfg.tdpo.ref_model else model_dir
         ref_model = load_model(cfg.model.model_copy(update={"gradient_checkpointing": False}), model_dir=ref_dir)
         ref_model.requires_grad_(False).eval()
-    args = DPOConfig(
-        **training_arguments(cfg, output_dir),
-        beta=cfg.tdpo.beta,
-        max_length=cfg.train.max_length,
-        precompute_ref_log_probs=False,
-    )
     trainer = TDPOTrainer(
         model=policy,
         ref_model=ref_model,
@@ -129,17 +129,15 @@ def build_trainer(cfg: TDPOConfig, output_dir: Path, logger: MetricsLogger):
         kl_chunk_size=cfg.tdpo.kl_chunk_size,
     )
     trainer.decay_ratio = cfg.train.decay_ratio
-    return trainer, tokenizer
+    return trainer, tokenizer, counts
 
 
 def run(cfg: TDPOConfig) -> StageResult:
     start = time.time()
     output_dir = start_output_dir(cfg)
     logger = MetricsLogger(output_dir, run_name="tdpo")
-    trainer, tokenizer = build_trainer(cfg, output_dir, logger)
-    metrics = {}
-    if cfg.tdpo.pairs == "on_policy":
-        metrics.update(json.loads((output_dir / "pairs_counts.json").read_text()))
+    trainer, tokenizer, pair_counts = build_trainer(cfg, output_dir, logger)
+    metrics = dict(pair_counts)
     if trainer.eval_dataset is not None:
         before = trainer.evaluate()
         metrics.update({"before/" + k.removeprefix("eval_"): v for k, v in before.items() if k.startswith(("eval_rewards", "eval_preference"))})

@@ -372,6 +372,8 @@ class VLLMEngine:
             llm.llm_engine.engine_core.shutdown()
             del llm
             gc.collect()
+            if torch.cuda.is_available():  # hand the engine's cached blocks back to whatever trains next
+                torch.cuda.empty_cache()
 
 
 # ---------------------------------------------------------------------------------------------------------
