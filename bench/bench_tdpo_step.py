@@ -66,6 +66,7 @@ trainer.train()
 peak = status_kb("VmHWM")
 params = sum(p.numel() for p in trainer.model.parameters())
 tokens = getattr(trainer, "_total_train_tokens", 0) / max(trainer.state.global_step, 1)  # chosen + rejected, per step
+import shutil; shutil.rmtree(cfg.output_dir, ignore_errors=True)  # the trainer's last checkpoint, GBs per variant
 print("RESULT", json.dumps({"step_s": times[1:], "rss_before_kb": before, "peak_rss_kb": peak, "tokens_per_step": tokens,
                             "parameters": params}))
 '''
