@@ -24,14 +24,23 @@ def trainer(data_cache, tiny_model_dir, tmp_path_factory):
     return built, tokenizer
 
 
+def samples(batch, pad_id):
+    """(row, start, end) of each packed sample: a run of positions counting up from 0, padding left out."""
+    found = []
+    for row, positions in enumerate(batch["position_ids"]):
+        starts = (positions == 0).nonzero().flatten().tolist() + [len(positions)]
+        found += [(row, a, b) for a, b in zip(starts[:-1], starts[1:], strict=True)
+                  if not (b - a == 1 and batch["input_ids"][row, a] == pad_id)]
+    return found
+
+
 def test_loss_mask_covers_only_assistant_tokens(trainer):
     built, tokenizer = trainer
     batch = next(iter(built.get_train_dataloader()))
-    ids, labels = batch["input_ids"][0], batch["labels"][0]
-    starts = (batch["position_ids"][0] == 0).nonzero().flatten().tolist() + [len(ids)]
-    for a, b in zip(starts[:-1], starts[1:], strict=True):
-        trained = tokenizer.decode(ids[a:b][labels[a:b] != -100])
-        ignored = tokenizer.decode(ids[a:b][labels[a:b] == -100])
+    for row, a, b in samples(batch, tokenizer.pad_token_id):
+        ids, labels = batch["input_ids"][row, a:b], batch["labels"][row, a:b]
+        trained = tokenizer.decode(ids[labels != -100])
+        ignored = tokenizer.decode(ids[labels == -100])
         # the loss sees the assistant's reasoning, answer and closing </s>, never the prompt
         assert "Answer:" in trained and trained.endswith(tokenizer.eos_token)
         assert "<C_Q>" not in trained and "<B_SYS>" not in trained and "<C_A>" not in trained
@@ -39,14 +48,38 @@ def test_loss_mask_covers_only_assistant_tokens(trainer):
 
 
 def test_packed_batch_equals_unpacked(trainer):
-    built, _ = trainer
+    built, tokenizer = trainer
     model = built.model.eval()
     batch = next(iter(built.get_train_dataloader()))
-    assert "position_ids" in batch and batch["input_ids"].shape[0] == 1  # padding-free packed row
-    starts = (batch["position_ids"][0] == 0).nonzero().flatten().tolist() + [batch["input_ids"].shape[1]]
-    assert len(starts) > 2, "the packed row should hold several conversations"
+    assert "position_ids" in batch and "attention_mask" not in batch  # packed rows, samples told apart by position
+    found = samples(batch, tokenizer.pad_token_id)
+    assert len(found) > batch["input_ids"].shape[0], "the packed rows should hold several conversations"
     with torch.no_grad():
-        packed = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"]).logits[0]
-        for a, b in zip(starts[:-1], starts[1:], strict=True):
-            alone = model(input_ids=batch["input_ids"][:, a:b]).logits[0]
-            torch.testing.assert_close(packed[a:b], alone, atol=1e-4, rtol=1e-4)
+        packed = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"]).logits
+        for row, a, b in found:
+            alone = model(input_ids=batch["input_ids"][row : row + 1, a:b]).logits[0]
+            torch.testing.assert_close(packed[row, a:b], alone, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize(("model", "assistant_only"), [("hybrid", True), ("llama", True), ("llama", False)])
+def test_row_packed_batches_give_the_padding_free_loss(model, assistant_only, data_cache, tiny_model_dir, tiny_llama_dir,
+                                                        tmp_path):
+    """Without a varlen attention kernel the packed bins go row by row ([B, max_length]) instead of into one
+    padding-free row; the loss over the same examples is the same."""
+    from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+
+    from m1_align.sft.trainer import RowPackedCollator
+
+    cfg = sft_config(data_cache, tmp_path, tiny_model_dir if model == "hybrid" else tiny_llama_dir,
+                     **{"train.max_steps": 1, "sft.assistant_only_loss": assistant_only})
+    built, tokenizer = build_trainer(cfg, tmp_path / "sft", MetricsLogger(tmp_path / "sft"))
+    assert isinstance(built.data_collator, RowPackedCollator)
+    examples = [built.train_dataset[i] for i in range(4)]
+    rows = built.data_collator(examples)
+    one_row = DataCollatorForLanguageModeling(pad_token_id=tokenizer.pad_token_id, padding_free=True)(examples)
+    assert rows["input_ids"].shape[0] == 4 and one_row["input_ids"].shape[0] == 1
+    assert (rows["labels"] != -100).sum() == (one_row["labels"] != -100).sum()
+    net = built.model.eval()
+    with torch.no_grad():
+        row_loss, flat_loss = net(**rows).loss, net(**one_row).loss  # the batches as the trainer hands them over
+    torch.testing.assert_close(row_loss, flat_loss, atol=1e-5, rtol=1e-5)

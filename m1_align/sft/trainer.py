@@ -14,6 +14,7 @@ from pathlib import Path
 
 from trl import SFTConfig as TRLSFTConfig
 from trl import SFTTrainer
+from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
 from m1_align.config import SFTConfig
 from m1_align.data.chat import chat_template_for, encode_chat, has_generation_markers
@@ -37,8 +38,33 @@ from m1_align.training import (
 )
 
 
+VARLEN_ATTENTION = ("flash_attention_2", "flash_attention_3")  # kernels that read sample bounds from the position ids
+
+
+class RowPackedCollator(DataCollatorForLanguageModeling):
+    """TRL's packed bins as the rows of a [B, max_length] batch, instead of one [1, B x max_length] row.
+
+    Without a varlen attention kernel, transformers attends over a padding-free row densely, under a
+    block-diagonal mask it builds from the position-id restarts, so the cost grows with the square of the
+    whole batch's tokens: at 4 x 256 tokens that row was 848 tokens; at 16 x 256, 3,570, and the step ran at
+    half the tokens/s (bench/bench_sft_step.py). Bin by bin it grows with each bin's square. The rows carry no
+    attention mask, since transformers finds the samples from the position ids only without one; padding
+    gets position 0 at every token (a sample of one token each) and no label, and no sample's first token is
+    a label (it would be predicted from the sample before it), as in TRL's padding-free batches."""
+
+    def torch_call(self, examples):
+        batch = super().torch_call(examples)
+        batch.pop("attention_mask")
+        batch["labels"][batch["position_ids"] == 0] = -100
+        return batch
+
+
 class M1SFTTrainer(WSDScheduleMixin, SFTTrainer):
-    pass
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        if self.padding_free and self.args.packing and self.model.config._attn_implementation not in VARLEN_ATTENTION:
+            self.data_collator = RowPackedCollator(pad_token_id=self._tokenizer.pad_token_id, return_position_ids=True,
+                                                   pad_to_multiple_of=self.args.pad_to_multiple_of)
 
 
 def assistant_masked(dataset, tokenizer):
