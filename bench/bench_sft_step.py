@@ -9,8 +9,9 @@ model, data, batch and length, and trains `--steps` steps; the first is a warm-u
 step are the packed rows' real tokens (no padding). FLOPs per token: 6 x params for full-parameter training
 (forward 2, backward 4); 4 x params for LoRA (the frozen weights need the input gradients, 2 x params, but no
 weight gradients; the adapters' own FLOPs are under 1%). Fractions are of the faster dtype's ceiling, and of
-the variant's own dtype's, both measured in this run (machines differ in which dtype is faster). Prints JSON
-and a table; never asserts timings.
+the variant's own dtype's, both measured in this run (machines differ in which dtype is faster).
+`--baseline-tree DIR` (an older checkout) runs each variant with that tree's m1_align too, side by side. Prints
+JSON and a table; never asserts timings.
 """
 
 import argparse
@@ -68,6 +69,7 @@ def main() -> None:
     parser.add_argument("--max-length", type=int, default=256)
     parser.add_argument("--data-cache", default="data_cache")
     parser.add_argument("--variants", default=",".join(VARIANTS), help=f"a comma-separated subset of: {', '.join(VARIANTS)}")
+    parser.add_argument("--baseline-tree", help="also run each variant with m1_align imported from this older checkout")
     args = parser.parse_args()
     if args.steps < 2:
         parser.error("--steps must be at least 2 (the first step is a warm-up and not timed)")
@@ -76,11 +78,19 @@ def main() -> None:
     if unknown:
         parser.error(f"--variants: unknown {', '.join(sorted(unknown))}; choose from {', '.join(VARIANTS)}")
 
+    runs = [(label, label, SCRIPT) for label in labels]
+    if args.baseline_tree:
+        tree = os.path.abspath(args.baseline_tree)
+        if not os.path.isfile(os.path.join(tree, "m1_align", "__init__.py")):
+            parser.error(f"--baseline-tree {args.baseline_tree}: no m1_align/ there")
+        runs = [run for label in labels for run in (
+            (f"{label} ({args.baseline_tree})", label, f"import sys; sys.path.insert(0, {tree!r})\n" + SCRIPT),
+            (label, label, SCRIPT))]
     ceilings = {dtype: ceiling_gflops(dtype) for dtype in ("float32", "bfloat16")}
     results = {}
-    for label in labels:
-        lora, dtype, flops_per_param = VARIANTS[label]
-        done = subprocess.run([sys.executable, "-c", SCRIPT, lora, dtype, args.model, str(args.steps),
+    for label, variant, script in runs:
+        lora, dtype, flops_per_param = VARIANTS[variant]
+        done = subprocess.run([sys.executable, "-c", script, lora, dtype, args.model, str(args.steps),
                                str(args.batch_size), str(args.max_length), args.data_cache], capture_output=True, text=True)
         lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
         if done.returncode or not lines:
@@ -99,7 +109,7 @@ def main() -> None:
     print(json.dumps({"config": vars(args), "matmul_ceiling_gflops": ceilings, "results": results}, indent=2))
     print("\n| SFT step | computes in | step s | tokens/step | tokens/s | GFLOP/s | of its dtype's ceiling | of the faster ceiling |\n"
           "|---|---|---|---|---|---|---|---|")
-    for label in labels:
+    for label, _, _ in runs:
         r = results[label]
         print(f"| {label} | " + ("did not run | | | | | | |" if r is None else
               f"{r['compute_dtype']} | {r['step_s']:.2f} | {r['tokens_per_step']:.0f} | {r['tokens_per_s']:.0f} | {r['gflops']:.0f} | "

@@ -37,7 +37,6 @@ from m1_align.training import (
     whole_run_train_loss,
 )
 
-
 VARLEN_ATTENTION = ("flash_attention_2", "flash_attention_3")  # kernels that read sample bounds from the position ids
 
 
