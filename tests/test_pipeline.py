@@ -147,6 +147,8 @@ def test_pipeline_from_a_pretrained_model_evaluates_it_as_base_and_runs_grpo_bes
         *(f"stages.{s}.train.eval_limit=1" for s in steps if s != "rm"),
         *(f"stages.{s}.rollout.max_new_tokens=16" for s in ("elo", "ppo", "grpo")),
         "stages.elo.elo.drop_degenerate=false",
+        # a random model answers nothing right, so it has no pairs of its own (tests/test_on_policy_pairs.py)
+        "stages.tdpo.tdpo.pairs=built",
     ]
     cfg = load_config("pipeline", "configs/smollm2.yaml", overrides)
     configs = pipeline.stage_configs(cfg)
