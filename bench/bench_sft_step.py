@@ -42,9 +42,12 @@ trainer, _ = build_trainer(cfg, Path(cfg.output_dir), MetricsLogger(Path(cfg.out
 trainer.eval_dataset = None
 trainer.add_callback(Timer())
 step = trainer.training_step
-def counted(model, inputs, *a, **k):  # real tokens: packed rows carry no padding, padded ones an attention mask
-    mask = inputs.get("attention_mask")
-    tokens.append(int(mask.sum()) if mask is not None else inputs["input_ids"].numel())
+pad_id = trainer.processing_class.pad_token_id
+def counted(model, inputs, *a, **k):  # real tokens: padding has an attention mask of 0, or (rows without one) is a
+    mask = inputs.get("attention_mask")  # pad token at position 0
+    if mask is None:
+        mask = ~((inputs["input_ids"] == pad_id) & (inputs["position_ids"] == 0))
+    tokens.append(int(mask.sum()))
     return step(model, inputs, *a, **k)
 trainer.training_step = counted
 trainer.train()
