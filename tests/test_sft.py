@@ -83,3 +83,43 @@ def test_row_packed_batches_give_the_padding_free_loss(model, assistant_only, da
     with torch.no_grad():
         row_loss, flat_loss = net(**rows).loss, net(**one_row).loss  # the batches as the trainer hands them over
     torch.testing.assert_close(row_loss, flat_loss, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("model", ["hybrid", "llama"])
+def test_labelled_head_gives_the_full_logits_loss_metrics_and_gradients(model, data_cache, tiny_model_dir,
+                                                                       tiny_llama_dir, tmp_path):
+    """The SFT trainer's output head on labelled positions only (add_labelled_head) against the model's own
+    full logits on a row-packed batch: loss, per-token log-probs, entropy, top-1 hits and every gradient.
+    (TRL's fused head fails this on the hybrid model: it multiplies by NormHead's raw weight.)"""
+    cfg = sft_config(data_cache, tmp_path, tiny_model_dir if model == "hybrid" else tiny_llama_dir,
+                     **{"train.max_steps": 1})
+    built, _ = build_trainer(cfg, tmp_path / "sft", MetricsLogger(tmp_path / "sft"))
+    batch = built.data_collator([built.train_dataset[i] for i in range(4)])
+    labels = batch["labels"][:, 1:]
+    mask = labels != -100
+    assert 0 < mask.sum() < mask.numel() * 0.9  # prompts and padding carry no label
+    net = built.model.train()
+
+    def gradients(loss):
+        net.zero_grad()
+        loss.backward()
+        return {n: p.grad.clone() for n, p in net.named_parameters() if p.grad is not None}
+
+    out = net(**batch, fused_lm_head=True)  # how TRL's compute_loss calls it
+    our_grads = gradients(out.loss)
+    logits = net(input_ids=batch["input_ids"], position_ids=batch["position_ids"]).logits[:, :-1].float()
+    log_probs = logits.log_softmax(-1)
+    logp = log_probs.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1) * mask
+    entropy = -(log_probs.exp() * log_probs).sum(-1) * mask
+    top1 = (logits.argmax(-1) == labels) & mask
+    loss = -logp.sum() / mask.sum()
+    torch.testing.assert_close(out.loss, loss, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out.log_probs, logp, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out.entropy, entropy.detach(), atol=1e-4, rtol=1e-4)
+    assert torch.equal(out.is_top1.bool(), top1) and torch.equal(out.label_mask, mask)
+    across_accumulation = net(**batch, fused_lm_head=True, num_items_in_batch=2 * mask.sum()).loss  # Trainer's count
+    torch.testing.assert_close(across_accumulation, loss / 2, atol=1e-5, rtol=1e-5)
+    full_grads = gradients(loss)
+    assert our_grads.keys() == full_grads.keys() and len(our_grads) > 5
+    for name in our_grads:
+        torch.testing.assert_close(our_grads[name], full_grads[name], atol=1e-5, rtol=1e-4, msg=name)

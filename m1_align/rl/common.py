@@ -64,6 +64,20 @@ def final_hidden_states(model, input_ids: torch.Tensor, attention_mask: torch.Te
     return captured[-1]
 
 
+def checkpointed_chunks(scores, hidden: torch.Tensor, targets: torch.Tensor, chunk_tokens: int, rows_out: int) -> torch.Tensor:
+    """scores(h [n, H], y [n]) -> [rows_out, n], applied `chunk_tokens` tokens at a time and concatenated, each
+    chunk under activation checkpointing when it needs a gradient: backward recomputes a chunk's [n, V] logits
+    instead of keeping every chunk's."""
+    parts = []
+    for begin in range(0, targets.numel(), chunk_tokens):
+        h, y = hidden[begin : begin + chunk_tokens], targets[begin : begin + chunk_tokens]
+        if torch.is_grad_enabled() and h.requires_grad:
+            parts.append(torch.utils.checkpoint.checkpoint(scores, h, y, use_reentrant=False))
+        else:
+            parts.append(scores(h, y))
+    return torch.cat(parts, dim=1) if parts else hidden.new_zeros((rows_out, 0), dtype=torch.float32)
+
+
 def causal_lm_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, start: int, temperature: float = 1.0,
                        position_ids: torch.Tensor | None = None, with_raw: bool = False, with_entropy: bool = False,
                        chunk_tokens: int = 512, pack: bool = False):
@@ -121,14 +135,7 @@ def causal_lm_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Ten
         raw = logp if temperature == 1.0 or not with_raw else logits.gather(-1, y.unsqueeze(-1)).squeeze(-1) - logits.logsumexp(-1)
         return torch.stack([logp, entropy, raw])
 
-    parts = []
-    for begin in range(0, flat_y.numel(), chunk_tokens):
-        h, y = flat_h[begin : begin + chunk_tokens], flat_y[begin : begin + chunk_tokens]
-        if torch.is_grad_enabled() and h.requires_grad:
-            parts.append(torch.utils.checkpoint.checkpoint(scores, h, y, use_reentrant=False))
-        else:
-            parts.append(scores(h, y))
-    values = torch.cat(parts, dim=1) if parts else flat_h.new_zeros((3, 0))
+    values = checkpointed_chunks(scores, flat_h, flat_y, chunk_tokens, rows_out=3)
     out = values.new_zeros((3, batch, width - start))
     out[:, rows, cols - start] = values
     logp, entropy, raw = out
