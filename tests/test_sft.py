@@ -105,7 +105,7 @@ def test_labelled_head_gives_the_full_logits_loss_metrics_and_gradients(model, d
         loss.backward()
         return {n: p.grad.clone() for n, p in net.named_parameters() if p.grad is not None}
 
-    out = net(**batch, fused_lm_head=True)  # how TRL's compute_loss calls it
+    out = net(**batch, use_cache=False, fused_lm_head=True)  # how TRL's compute_loss calls it
     our_grads = gradients(out.loss)
     logits = net(input_ids=batch["input_ids"], position_ids=batch["position_ids"]).logits[:, :-1].float()
     log_probs = logits.log_softmax(-1)

@@ -13,16 +13,15 @@ from pathlib import Path
 
 from datasets import Dataset
 from trl import SFTConfig as TRLSFTConfig
-from trl import SFTTrainer
 
 from m1_align.config import ConfigError, PretrainConfig
 from m1_align.data.build import corpus_texts
 from m1_align.data.stage_data import built_dir
 from m1_align.runs import MetricsLogger, StageResult
+from m1_align.sft.trainer import M1SFTTrainer
 from m1_align.training import (
     CheckpointMarker,
     MetricsCallback,
-    WSDScheduleMixin,
     finish_stage,
     last_checkpoint,
     resolve_dtype,
@@ -31,10 +30,6 @@ from m1_align.training import (
     training_arguments,
     whole_run_train_loss,
 )
-
-
-class PretrainTrainer(WSDScheduleMixin, SFTTrainer):
-    pass
 
 
 def tokenizer_for(cfg: PretrainConfig, data_dir: Path, output_dir: Path):
@@ -80,7 +75,7 @@ def run(cfg: PretrainConfig) -> StageResult:
         eval_packing=True,
         eos_token=tokenizer.eos_token,
     )
-    trainer = PretrainTrainer(
+    trainer = M1SFTTrainer(  # packed rows and the output head as in SFT
         model=base_model(cfg, tokenizer),
         args=args,
         train_dataset=train,

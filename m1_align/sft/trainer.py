@@ -85,7 +85,8 @@ def add_labelled_head(model, chunk_tokens: int = 1024) -> None:
         if not fused_lm_head or shift_labels is not None or getattr(self.config, "output_router_logits", False):
             return trl_forward(*args, fused_lm_head=fused_lm_head, labels=labels, shift_labels=shift_labels,
                                num_items_in_batch=num_items_in_batch, **kwargs)
-        hidden = self.base_model(*args, use_cache=False, **kwargs).last_hidden_state[:, :-1]  # [B, T-1, H]
+        kwargs["use_cache"] = False
+        hidden = self.base_model(*args, **kwargs).last_hidden_state[:, :-1]  # [B, T-1, H]
         labels = labels[:, 1:]  # position t predicts token t+1
         mask = labels != -100
         values = checkpointed_chunks(scores, hidden[mask], labels[mask], chunk_tokens, rows_out=3)  # [3, n]
