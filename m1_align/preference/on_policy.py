@@ -28,9 +28,8 @@ from m1_align.config import ConfigError, TDPOConfig
 from m1_align.data.stage_data import rl_rows
 from m1_align.evaluation.benchmarks import prompt_ids
 from m1_align.reward_models.rules import score as rule_score
-from m1_align.rl.rollout import Completion, SamplingSettings, engine_max_len, make_engine, vllm_available
+from m1_align.rl.rollout import Completion, SamplingSettings, stage_engine
 from m1_align.runs import atomic_write_text
-from m1_align.training import compute_dtype
 
 logger = logging.getLogger(__name__)
 
@@ -91,22 +90,11 @@ def _provenance(cfg: TDPOConfig, model_dir: Path) -> dict[str, Any]:
             "rollout": cfg.rollout.model_dump(include={"temperature", "top_p", "max_new_tokens", "engine"})}))  # as read back
 
 
-def _sample_share(cfg: TDPOConfig, model_dir: Path, tokenizer, rows, world_size: int):
+def _sample_share(cfg: TDPOConfig, model_dir: Path, tokenizer, rows, world_size: int, rank: int):
     """This process's pairs and counts, sampled with its own engine."""
     r = cfg.rollout
-    kind = r.engine if r.engine != "auto" else ("vllm" if vllm_available() else "hf")
-    engine_kwargs = {}
-    if kind == "vllm":
-        engine_kwargs = {
-            "dtype": str(compute_dtype(cfg.model.dtype)).removeprefix("torch."), "kv_cache_gib": r.kv_cache_gib,
-            "gpu_memory_utilization": r.gpu_memory_utilization, "enforce_eager": r.enforce_eager, "seed": cfg.seed,
-            "tensor_parallel_size": r.tensor_parallel_size, "in_process": r.in_process,
-            "max_model_len": engine_max_len(AutoConfig.from_pretrained(model_dir, trust_remote_code=cfg.model.trust_remote_code),
-                                            cfg.train.max_length + r.max_new_tokens),
-            # with several processes vLLM joins theirs (one engine per rank, as the online stages do)
-            **({"distributed_executor_backend": "external_launcher"} if world_size > 1 else {}),
-        }
-    engine = make_engine(kind, model_dir=str(model_dir), tokenizer=tokenizer, **engine_kwargs)
+    model_config = AutoConfig.from_pretrained(model_dir, trust_remote_code=cfg.model.trust_remote_code)
+    engine = stage_engine(cfg, model_dir, tokenizer, model_config=model_config, world_size=world_size, rank=rank)
     try:
         settings = SamplingSettings(n=cfg.tdpo.pair_samples, temperature=r.temperature, top_p=r.top_p,
                                     max_new_tokens=r.max_new_tokens, stop_token_ids=[tokenizer.eos_token_id], seed=cfg.seed)
@@ -139,7 +127,7 @@ def on_policy_pairs(cfg: TDPOConfig, model_dir: Path, tokenizer, output_dir: Pat
 
     share = rows[state.process_index :: state.num_processes]
     try:  # an error on one process must reach the others, which would otherwise wait for it forever
-        outcome = _sample_share(cfg, model_dir, tokenizer, share, state.num_processes)
+        outcome = _sample_share(cfg, model_dir, tokenizer, share, state.num_processes, state.process_index)
     except Exception as error:  # noqa: BLE001  re-raised below, on every process
         outcome = error
     outcomes = gather_object([outcome]) if state.num_processes > 1 else [outcome]

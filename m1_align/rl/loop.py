@@ -38,7 +38,7 @@ from m1_align.rl.common import (
     packing_agrees,
     save_checkpoint,
 )
-from m1_align.rl.rollout import SamplingSettings, engine_max_len, make_engine, vllm_available
+from m1_align.rl.rollout import SamplingSettings, engine_kind, stage_engine
 from m1_align.runs import (
     DivergedError,
     MetricsLogger,
@@ -296,30 +296,13 @@ class OnlineLoop:
 
     def _make_engine(self, model_dir: Path):
         """vLLM reads the starting checkpoint and is then kept in sync; HF generate samples from the policy itself."""
-        r, policy = self.cfg.rollout, self.accelerator.unwrap_model(self.policy)
-        kind = r.engine if r.engine != "auto" else ("vllm" if vllm_available() else "hf")
-        colocated = {}
-        if self.world_size > 1:
-            if kind == "hf" and self.trainables["policy"].zero_stage == 3:
-                raise ConfigError("rollout.engine=hf cannot sample from a ZeRO-3-partitioned policy rank by rank; "
-                                  "use rollout.engine=vllm or a ZeRO-2 DeepSpeed config")
-            if kind == "vllm" and (r.tensor_parallel_size > 1 or not r.in_process):
-                raise ConfigError("with several processes every rank runs its own in-process vLLM engine; "
-                                  "set rollout.tensor_parallel_size=1 and rollout.in_process=true")
-            # vLLM joins the trainer's process group instead of starting its own: one engine per rank
-            colocated = {"distributed_executor_backend": "external_launcher"}
-        if kind == "hf":
-            return make_engine("hf", model=policy, tokenizer=self.tokenizer)
-        engine = make_engine(
-            # the engine samples in the dtype of the trainer's forward, so its log-probs match the trainer's
-            "vllm", model_dir=str(model_dir), tokenizer=self.tokenizer,
-            dtype=str(compute_dtype(self.cfg.model.dtype)).removeprefix("torch."),
-            kv_cache_gib=r.kv_cache_gib, gpu_memory_utilization=r.gpu_memory_utilization,
-            tensor_parallel_size=r.tensor_parallel_size, enforce_eager=r.enforce_eager, in_process=r.in_process,
-            seed=self.cfg.seed + self.accelerator.process_index, max_model_len=engine_max_len(policy.config, self.cfg.train.max_length + r.max_new_tokens),
-            **colocated,
-        )
-        return engine
+        policy = self.accelerator.unwrap_model(self.policy)
+        if (self.world_size > 1 and engine_kind(self.cfg.rollout.engine) == "hf"
+                and self.trainables["policy"].zero_stage == 3):
+            raise ConfigError("rollout.engine=hf cannot sample from a ZeRO-3-partitioned policy rank by rank; "
+                              "use rollout.engine=vllm or a ZeRO-2 DeepSpeed config")
+        return stage_engine(self.cfg, model_dir, self.tokenizer, model_config=policy.config, world_size=self.world_size,
+                            rank=self.accelerator.process_index, policy=policy)
 
     def _load_models(self, model_dir: Path) -> None:
         cfg = self.cfg

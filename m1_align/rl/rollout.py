@@ -504,6 +504,37 @@ def vllm_available() -> bool:
     return True
 
 
+def engine_kind(engine: str) -> str:
+    """`rollout.engine` resolved: "auto" is vLLM where it imports, else HF generate."""
+    return engine if engine != "auto" else ("vllm" if vllm_available() else "hf")
+
+
+def stage_engine(cfg: Any, model_dir: Path, tokenizer: Any, *, model_config: Any, world_size: int = 1, rank: int = 0,
+                 policy: torch.nn.Module | None = None) -> RolloutEngine:
+    """The engine a training stage samples with, from its config (`rollout`, `model.dtype`, `train.max_length`,
+    `seed`). vLLM reads `model_dir` and samples in the dtype of the trainer's forward, so that its log-probs
+    match the trainer's; with several processes each rank runs its own in-process engine inside the trainer's
+    process group (vLLM's external_launcher), seeded `seed + rank`. HF generate samples from `policy` when given
+    (the online stages' live model), else loads `model_dir`."""
+    from m1_align.config import ConfigError
+    from m1_align.training import compute_dtype
+
+    r = cfg.rollout
+    if engine_kind(r.engine) == "hf":
+        return make_engine("hf", model=policy, model_dir=None if policy is not None else model_dir, tokenizer=tokenizer)
+    if world_size > 1 and (r.tensor_parallel_size > 1 or not r.in_process):
+        raise ConfigError("with several processes every rank runs its own in-process vLLM engine; "
+                          "set rollout.tensor_parallel_size=1 and rollout.in_process=true")
+    return make_engine(
+        "vllm", model_dir=str(model_dir), tokenizer=tokenizer,
+        dtype=str(compute_dtype(cfg.model.dtype)).removeprefix("torch."), kv_cache_gib=r.kv_cache_gib,
+        gpu_memory_utilization=r.gpu_memory_utilization, tensor_parallel_size=r.tensor_parallel_size,
+        enforce_eager=r.enforce_eager, in_process=r.in_process, seed=cfg.seed + rank,
+        max_model_len=engine_max_len(model_config, cfg.train.max_length + r.max_new_tokens),
+        **({"distributed_executor_backend": "external_launcher"} if world_size > 1 else {}),
+    )
+
+
 class _OwnedCheckpoint(VLLMEngine):
     """A VLLMEngine on a checkpoint it wrote itself (from a model in memory); deletes it on close."""
 
