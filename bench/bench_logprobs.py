@@ -14,11 +14,11 @@ ceiling. Prints JSON and a table.
 import argparse
 import json
 import resource
-import subprocess
 import sys
 import time
 
 from ceiling import ceiling_gflops  # bench/ceiling.py
+from side_by_side import run_result
 
 VARIANTS = ("full", "chunked", "chunked-bf16-autocast")
 
@@ -78,11 +78,10 @@ def main() -> None:
     ceilings = {dtype: ceiling_gflops(dtype) for dtype in ("float32", "bfloat16")}
     results = []
     for name in VARIANTS:
-        out = subprocess.run([sys.executable, __file__, *sys.argv[1:], "--variant", name], capture_output=True, text=True)
-        line = next((x for x in out.stdout.splitlines() if x.startswith("RESULT ")), None)
-        if line is None:
-            sys.exit(out.stderr[-3000:])
-        results.append(json.loads(line[7:]))
+        result, log = run_result([sys.executable, __file__, *sys.argv[1:], "--variant", name])
+        if result is None:
+            sys.exit(log[-3000:])
+        results.append(result)
     full, chunked, bf16 = results
     best = max(ceilings.values())
     summary = {"matmul_ceiling_gflops": ceilings, "results": results,

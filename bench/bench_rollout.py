@@ -20,13 +20,13 @@ Prints one JSON object (with the machine's load average) and a markdown table.
 import argparse
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
 
 import torch
 from ceiling import ceiling_gflops  # bench/ceiling.py
+from side_by_side import run_result
 
 
 def build_model(folder: str, preset: str, vocab_size: int) -> None:
@@ -139,11 +139,9 @@ def main() -> None:
         results = {}
         for engine in ("hf", "vllm"):
             command = [sys.executable, __file__, *sys.argv[1:], "--engine", engine, "--model-dir", folder]
-            run = subprocess.run(command, capture_output=True, text=True)
-            lines = [line for line in run.stdout.splitlines() if line.startswith("RESULT ")]
-            if run.returncode or not lines:
-                sys.exit(f"{engine} run failed:\n{run.stderr[-4000:]}")
-            results[engine] = json.loads(lines[-1][len("RESULT ") :])
+            results[engine], log = run_result(command)
+            if results[engine] is None:
+                sys.exit(f"{engine} run failed:\n{log[-4000:]}")
     summary = {
         "config": {k: v for k, v in vars(args).items() if k not in ("engine", "model_dir")},
         "torch": torch.__version__,

@@ -17,10 +17,10 @@ JSON and a table; never asserts timings.
 import argparse
 import json
 import os
-import subprocess
 import sys
 
 from ceiling import ceiling_gflops  # bench/ceiling.py
+from side_by_side import baseline_tree, failed, from_tree, markdown_table, run_result
 
 SCRIPT = r'''
 import json, sys, tempfile, time
@@ -82,41 +82,35 @@ def main() -> None:
         parser.error(f"--variants: unknown {', '.join(sorted(unknown))}; choose from {', '.join(VARIANTS)}")
 
     runs = [(label, label, SCRIPT) for label in labels]
-    if args.baseline_tree:
-        tree = os.path.abspath(args.baseline_tree)
-        if not os.path.isfile(os.path.join(tree, "m1_align", "__init__.py")):
-            parser.error(f"--baseline-tree {args.baseline_tree}: no m1_align/ there")
-        runs = [run for label in labels for run in (
-            (f"{label} ({args.baseline_tree})", label, f"import sys; sys.path.insert(0, {tree!r})\n" + SCRIPT),
-            (label, label, SCRIPT))]
+    tree = baseline_tree(parser, args.baseline_tree)
+    if tree:
+        runs = [run for label in labels for run in ((f"{label} ({args.baseline_tree})", label, from_tree(SCRIPT, tree)),
+                                                    (label, label, SCRIPT))]
     ceilings = {dtype: ceiling_gflops(dtype) for dtype in ("float32", "bfloat16")}
     results = {}
     for label, variant, script in runs:
         lora, dtype, flops_per_param = VARIANTS[variant]
-        done = subprocess.run([sys.executable, "-c", script, lora, dtype, args.model, str(args.steps),
-                               str(args.batch_size), str(args.max_length), args.data_cache], capture_output=True, text=True)
-        lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
-        if done.returncode or not lines:
-            print(f"{label} did not run:\n{done.stderr[-2000:]}", file=sys.stderr)
+        r, log = run_result([sys.executable, "-c", script, lora, dtype, args.model, str(args.steps), str(args.batch_size),
+                             str(args.max_length), args.data_cache])
+        if r is None:
+            failed(label, log)
             results[label] = None
             continue
-        r = json.loads(lines[-1][len("RESULT "):])
         seconds, tokens = sum(r["step_s"]), sum(r["tokens"])
         gflops = flops_per_param * r["parameters"] * tokens / seconds / 1e9
-        picked = "bfloat16" if dtype == "auto" and "-> bf16 autocast" in done.stdout + done.stderr else "float32"
+        picked = "bfloat16" if dtype == "auto" and "-> bf16 autocast" in log else "float32"
         own = ceilings[picked]
         results[label] = {"compute_dtype": picked, "step_s": seconds / len(r["step_s"]), "tokens_per_step": tokens / len(r["tokens"]),
                           "tokens_per_s": tokens / seconds, "gflops": gflops, "of_own_ceiling": gflops / own,
                           "of_faster_ceiling": gflops / max(ceilings.values())}
     results["load_average"] = os.getloadavg()
     print(json.dumps({"config": vars(args), "matmul_ceiling_gflops": ceilings, "results": results}, indent=2))
-    print("\n| SFT step | computes in | step s | tokens/step | tokens/s | GFLOP/s | of its dtype's ceiling | of the faster ceiling |\n"
-          "|---|---|---|---|---|---|---|---|")
-    for label, _, _ in runs:
-        r = results[label]
-        print(f"| {label} | " + ("did not run | | | | | | |" if r is None else
-              f"{r['compute_dtype']} | {r['step_s']:.2f} | {r['tokens_per_step']:.0f} | {r['tokens_per_s']:.0f} | {r['gflops']:.0f} | "
-              f"{r['of_own_ceiling']:.0%} | {r['of_faster_ceiling']:.0%} |"))
+    print("\n" + markdown_table(
+        ["SFT step", "computes in", "step s", "tokens/step", "tokens/s", "GFLOP/s", "of its dtype's ceiling", "of the faster ceiling"],
+        [(label, None if results[label] is None else [
+            results[label]["compute_dtype"], f"{results[label]['step_s']:.2f}", f"{results[label]['tokens_per_step']:.0f}",
+            f"{results[label]['tokens_per_s']:.0f}", f"{results[label]['gflops']:.0f}", f"{results[label]['of_own_ceiling']:.0%}",
+            f"{results[label]['of_faster_ceiling']:.0%}"]) for label, _, _ in runs]))
     print(f"matmul ceilings (GFLOP/s): {ceilings}")
 
 

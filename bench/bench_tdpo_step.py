@@ -21,10 +21,10 @@ process's peak resident set during training (VmHWM, reset just before) minus its
 import argparse
 import json
 import os
-import subprocess
 import sys
 
 from ceiling import ceiling_gflops  # bench/ceiling.py
+from side_by_side import baseline_tree, failed, from_tree, markdown_table, run_result
 
 SCRIPT = r'''
 import json, sys, tempfile, time
@@ -94,22 +94,18 @@ def main() -> None:
     if unknown:
         parser.error(f"--variants: unknown {', '.join(sorted(unknown))}; choose from {', '.join(VARIANTS)}")
     runs = [(v, v, SCRIPT) for v in variants]
-    if args.baseline_tree:
-        tree = os.path.abspath(args.baseline_tree)
-        if not os.path.isfile(os.path.join(tree, "m1_align", "__init__.py")):
-            parser.error(f"--baseline-tree {args.baseline_tree}: no m1_align/ there")
-        runs.insert(0, (f"ours-tdpo2 ({args.baseline_tree})", "ours-tdpo2", f"import sys; sys.path.insert(0, {tree!r})\n" + SCRIPT))
+    tree = baseline_tree(parser, args.baseline_tree)
+    if tree:
+        runs.insert(0, (f"ours-tdpo2 ({args.baseline_tree})", "ours-tdpo2", from_tree(SCRIPT, tree)))
     ceilings = {dtype: ceiling_gflops(dtype) for dtype in ("float32", "bfloat16")}
     results = {}
     for label, variant, script in runs:
-        done = subprocess.run([sys.executable, "-c", script, variant, args.model, str(args.steps), str(args.batch_size),
-                               str(args.max_length), args.dtype, args.data_cache], capture_output=True, text=True)
-        lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
-        if done.returncode or not lines:
-            print(f"{label} did not run here:\n{done.stderr[-2000:]}", file=sys.stderr)
+        r, log = run_result([sys.executable, "-c", script, variant, args.model, str(args.steps), str(args.batch_size),
+                             str(args.max_length), args.dtype, args.data_cache])
+        if r is None:
+            failed(label, log)
             results[label] = None
             continue
-        r = json.loads(lines[-1][len("RESULT "):])
         results[label] = {"step_s": sum(r["step_s"]) / len(r["step_s"]), "steps_timed": len(r["step_s"]),
                             "step_peak_gib": (r["peak_rss_kb"] - r["rss_before_kb"]) / 2**20,
                             "peak_rss_gib": r["peak_rss_kb"] / 2**20, "tokens_per_step": r["tokens_per_step"]}
@@ -117,13 +113,12 @@ def main() -> None:
         results[label]["fraction_of_ceiling"] = gflops / max(ceilings.values())
     results["load_average"] = os.getloadavg()
     print(json.dumps({"config": vars(args), "matmul_ceiling_gflops": ceilings, "results": results}, indent=2))
-    print("\n| trainer | step s | tokens/step | of the faster ceiling | memory a step adds, GiB | peak RSS GiB |\n"
-          "|---|---|---|---|---|---|")
-    for label, _, _ in runs:
-        r = results[label]
-        print(f"| {label} | " + ("did not run | | | | |" if r is None else
-              f"{r['step_s']:.2f} | {r['tokens_per_step']:.0f} | {r['fraction_of_ceiling']:.0%} | {r['step_peak_gib']:.2f} | "
-              f"{r['peak_rss_gib']:.2f} |"))
+    print("\n" + markdown_table(
+        ["trainer", "step s", "tokens/step", "of the faster ceiling", "memory a step adds, GiB", "peak RSS GiB"],
+        [(label, None if results[label] is None else [
+            f"{results[label]['step_s']:.2f}", f"{results[label]['tokens_per_step']:.0f}",
+            f"{results[label]['fraction_of_ceiling']:.0%}", f"{results[label]['step_peak_gib']:.2f}",
+            f"{results[label]['peak_rss_gib']:.2f}"]) for label, _, _ in runs]))
     print(f"matmul ceilings (GFLOP/s): {ceilings}")
     tdpo, dpo, trl = (results.get(v) for v in VARIANTS)
     if tdpo and args.baseline_tree and results[runs[0][0]]:
