@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import inspect
+
 import pytest
 import torch
 from conftest import stage_overrides
@@ -123,3 +125,22 @@ def test_labelled_head_gives_the_full_logits_loss_metrics_and_gradients(model, d
     assert our_grads.keys() == full_grads.keys() and len(our_grads) > 5
     for name in our_grads:
         torch.testing.assert_close(our_grads[name], full_grads[name], atol=1e-5, rtol=1e-4, msg=name)
+
+    # a micro-batch whose labels were all cut away backpropagates zeros instead of failing
+    unlabelled = {**batch, "labels": torch.full_like(batch["labels"], -100)}
+    empty = net(**unlabelled, use_cache=False, fused_lm_head=True)
+    assert empty.loss.item() == 0 and not empty.label_mask.any()
+    assert all(g.abs().sum() == 0 for g in gradients(empty.loss).values())
+    # generate() reads which arguments the model takes from its forward's signature
+    assert {"input_ids", "position_ids", "logits_to_keep"} <= set(inspect.signature(net.forward).parameters)
+
+
+def test_models_that_rescale_their_logits_are_told_apart():
+    """Softcapping or a logit multiplier: the SFT trainer keeps TRL's head, and log-prob paths refuse them."""
+    from transformers import Gemma2Config, LlamaConfig
+
+    from m1_align.rl.common import rescales_logits
+
+    assert not rescales_logits(LlamaConfig())
+    assert rescales_logits(LlamaConfig(logit_scale=0.5))
+    assert rescales_logits(Gemma2Config())  # final_logit_softcapping=30

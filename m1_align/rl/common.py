@@ -39,14 +39,25 @@ def pack_rows(lengths: list[int], capacity: int) -> list[list[int]]:
     return rows
 
 
+LOGIT_MULTIPLIERS = ("logit_scale", "output_multiplier", "lm_head_multiplier", "logits_scaling")  # Cohere, Granite, ...
+
+
+def rescales_logits(config) -> bool:
+    """Whether a model's forward changes the output layer's logits after it (softcapping or a multiplier)."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    return bool(getattr(text, "final_logit_softcapping", None)) or any(
+        getattr(text, name, None) not in (None, 1, 1.0) for name in LOGIT_MULTIPLIERS)
+
+
 def output_head(model) -> torch.nn.Module:
     """The (wrapped) model's output layer, hidden states -> logits. Log-probs apply it to the decoder's final
     hidden states themselves, so a model whose forward changes the logits after it is refused."""
     inner = _unwrap(model)
     config = getattr(inner, "config", None)
-    if getattr(config, "final_logit_softcapping", None) or getattr(config, "logit_scale", None) not in (None, 1, 1.0):
+    if config is not None and rescales_logits(config):
         raise ValueError(f"{config.model_type}: its forward rescales the output layer's logits (final_logit_softcapping "
-                         "or logit_scale), which m1-align's log-prob path does not apply; use a model without it")
+                         f"or one of {', '.join(LOGIT_MULTIPLIERS)}), which m1-align's log-prob path does not apply; "
+                         "use a model without it")
     return inner.get_output_embeddings()
 
 
@@ -64,18 +75,19 @@ def final_hidden_states(model, input_ids: torch.Tensor, attention_mask: torch.Te
     return captured[-1]
 
 
-def checkpointed_chunks(scores, hidden: torch.Tensor, targets: torch.Tensor, chunk_tokens: int, rows_out: int) -> torch.Tensor:
-    """scores(h [n, H], y [n]) -> [rows_out, n], applied `chunk_tokens` tokens at a time and concatenated, each
-    chunk under activation checkpointing when it needs a gradient: backward recomputes a chunk's [n, V] logits
-    instead of keeping every chunk's."""
+def checkpointed_chunks(scores, hidden: torch.Tensor, targets: torch.Tensor, chunk_tokens: int) -> torch.Tensor:
+    """scores(h [n, H], y [n]) -> [k, n], applied `chunk_tokens` tokens at a time and concatenated, each chunk
+    under activation checkpointing when grad is on: backward recomputes a chunk's [n, V] logits instead of
+    keeping every chunk's. No tokens: one empty chunk still runs, so the result stays connected to the graph
+    (a micro-batch without a scored token backpropagates zeros instead of failing)."""
     parts = []
-    for begin in range(0, targets.numel(), chunk_tokens):
+    for begin in range(0, max(targets.numel(), 1), chunk_tokens):
         h, y = hidden[begin : begin + chunk_tokens], targets[begin : begin + chunk_tokens]
-        if torch.is_grad_enabled() and h.requires_grad:
+        if torch.is_grad_enabled():
             parts.append(torch.utils.checkpoint.checkpoint(scores, h, y, use_reentrant=False))
         else:
             parts.append(scores(h, y))
-    return torch.cat(parts, dim=1) if parts else hidden.new_zeros((rows_out, 0), dtype=torch.float32)
+    return torch.cat(parts, dim=1)
 
 
 def causal_lm_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, start: int, temperature: float = 1.0,
@@ -135,7 +147,7 @@ def causal_lm_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Ten
         raw = logp if temperature == 1.0 or not with_raw else logits.gather(-1, y.unsqueeze(-1)).squeeze(-1) - logits.logsumexp(-1)
         return torch.stack([logp, entropy, raw])
 
-    values = checkpointed_chunks(scores, flat_h, flat_y, chunk_tokens, rows_out=3)
+    values = checkpointed_chunks(scores, flat_h, flat_y, chunk_tokens)
     out = values.new_zeros((3, batch, width - start))
     out[:, rows, cols - start] = values
     logp, entropy, raw = out

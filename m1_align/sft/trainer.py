@@ -9,6 +9,7 @@ metrics.jsonl, the atomic final save and the held-out evaluation.
 
 from __future__ import annotations
 
+import functools
 import time
 import types
 from pathlib import Path
@@ -23,7 +24,7 @@ from m1_align.config import SFTConfig
 from m1_align.data.chat import chat_template_for, encode_chat, has_generation_markers
 from m1_align.data.stage_data import eval_rows, sft_datasets
 from m1_align.evaluation.benchmarks import answer_accuracy
-from m1_align.rl.common import checkpointed_chunks
+from m1_align.rl.common import checkpointed_chunks, rescales_logits
 from m1_align.runs import MetricsLogger, StageResult
 from m1_align.training import (
     CheckpointMarker,
@@ -64,12 +65,13 @@ class RowPackedCollator(DataCollatorForLanguageModeling):
 
 def add_labelled_head(model, chunk_tokens: int = 1024) -> None:
     """Replace the fused output head TRL's SFTTrainer adds (`fused_lm_head=True`) by one that runs the head on
-    the labelled positions only, in the forward's compute dtype (bf16 under autocast), `chunk_tokens` at a
-    time under activation checkpointing. Off Triton devices (CPUs), TRL's head scores every position, prompt
-    and padding included, and casts each tile to fp32 for the matmul and a dozen elementwise passes over
-    [tokens, 32768] tiles; with assistant-only loss about half the positions have no label. It calls the head
-    module rather than multiplying by its weight. Same outputs as TRL's: loss, log-probs, and entropy and top-1
-    hits for TRL's metrics (tests/test_sft.py checks them against the full logits)."""
+    the labelled positions only, `chunk_tokens` at a time under activation checkpointing. Off Triton devices
+    (CPUs), TRL's head scores every position, prompt and padding included, and casts each tile to fp32 for the
+    matmul and a dozen elementwise passes over [tokens, 32768] tiles; with assistant-only loss about half the
+    positions have no label. It calls the head module rather than multiplying by its weight, and computes in
+    the forward's dtype, as the model's own forward does (bf16 logits under bf16 autocast; TRL's kernel
+    accumulates them in fp32). The outputs TRL's compute_loss reads: loss, log-probs, and entropy and top-1
+    hits for its metrics (tests/test_sft.py checks them against the full logits)."""
     trl_forward = model.forward
 
     def scores(h, y):  # [3, n]: log p(label), entropy, whether the label is the most likely token
@@ -81,6 +83,7 @@ def add_labelled_head(model, chunk_tokens: int = 1024) -> None:
             top1 = (logits.argmax(-1) == y).float()
         return torch.stack([logp, entropy, top1])
 
+    @functools.wraps(type(model).forward)  # generate() reads the model's arguments from the forward's signature
     def forward(self, *args, fused_lm_head=False, labels=None, shift_labels=None, num_items_in_batch=None, **kwargs):
         if not fused_lm_head or shift_labels is not None or getattr(self.config, "output_router_logits", False):
             return trl_forward(*args, fused_lm_head=fused_lm_head, labels=labels, shift_labels=shift_labels,
@@ -89,10 +92,11 @@ def add_labelled_head(model, chunk_tokens: int = 1024) -> None:
         hidden = self.base_model(*args, **kwargs).last_hidden_state[:, :-1]  # [B, T-1, H]
         labels = labels[:, 1:]  # position t predicts token t+1
         mask = labels != -100
-        values = checkpointed_chunks(scores, hidden[mask], labels[mask], chunk_tokens, rows_out=3)  # [3, n]
+        values = checkpointed_chunks(scores, hidden[mask], labels[mask], chunk_tokens)  # [3, n]
         logp, entropy, top1 = (v.new_zeros(mask.shape).masked_scatter(mask, v) for v in values)
         loss = -logp.sum() / (mask.sum().clamp(min=1) if num_items_in_batch is None else num_items_in_batch)
-        return FusedCausalLMOutput(loss=loss, log_probs=logp, entropy=entropy, is_top1=top1, label_mask=mask)
+        return FusedCausalLMOutput(loss=loss, log_probs=logp, entropy=entropy.detach(), is_top1=top1.detach(),
+                                   label_mask=mask)
 
     model.forward = types.MethodType(forward, model)
 
@@ -105,8 +109,10 @@ class M1SFTTrainer(WSDScheduleMixin, SFTTrainer):
                                                    pad_to_multiple_of=self.args.pad_to_multiple_of)
         base = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
         # TRL's kernel multiplies by the head's weight, skipping a head module's own forward (the hybrid model's
-        # NormHead normalises the rows; a LoRA adapter on the head); its Triton path serves GPUs
-        if self.args.device.type == "cpu" or type(base.get_output_embeddings()) is not torch.nn.Linear:
+        # NormHead normalises the rows; a LoRA adapter on the head); its Triton path serves GPUs. It also applies
+        # logit softcapping and multipliers, which ours does not: such models keep TRL's head
+        if not rescales_logits(base.config) and (
+                self.args.device.type == "cpu" or type(base.get_output_embeddings()) is not torch.nn.Linear):
             add_labelled_head(base)
 
 
