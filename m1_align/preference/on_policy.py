@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import Any
 
 from tqdm.auto import tqdm
-from transformers import AutoConfig
 
 import m1_align.model  # noqa: F401  registers baichuan_m1 with AutoConfig
 from m1_align.config import ConfigError, TDPOConfig
@@ -93,8 +92,7 @@ def _provenance(cfg: TDPOConfig, model_dir: Path) -> dict[str, Any]:
 def _sample_share(cfg: TDPOConfig, model_dir: Path, tokenizer, rows, world_size: int, rank: int):
     """This process's pairs and counts, sampled with its own engine."""
     r = cfg.rollout
-    model_config = AutoConfig.from_pretrained(model_dir, trust_remote_code=cfg.model.trust_remote_code)
-    engine = stage_engine(cfg, model_dir, tokenizer, model_config=model_config, world_size=world_size, rank=rank)
+    engine = stage_engine(cfg, model_dir, tokenizer, world_size=world_size, rank=rank)
     try:
         settings = SamplingSettings(n=cfg.tdpo.pair_samples, temperature=r.temperature, top_p=r.top_p,
                                     max_new_tokens=r.max_new_tokens, stop_token_ids=[tokenizer.eos_token_id], seed=cfg.seed)

@@ -509,13 +509,13 @@ def engine_kind(engine: str) -> str:
     return engine if engine != "auto" else ("vllm" if vllm_available() else "hf")
 
 
-def stage_engine(cfg: Any, model_dir: Path, tokenizer: Any, *, model_config: Any, world_size: int = 1, rank: int = 0,
+def stage_engine(cfg: Any, model_dir: Path, tokenizer: Any, *, model_config: Any = None, world_size: int = 1, rank: int = 0,
                  policy: torch.nn.Module | None = None) -> RolloutEngine:
     """The engine a training stage samples with, from its config (`rollout`, `model.dtype`, `train.max_length`,
     `seed`). vLLM reads `model_dir` and samples in the dtype of the trainer's forward, so that its log-probs
     match the trainer's; with several processes each rank runs its own in-process engine inside the trainer's
     process group (vLLM's external_launcher), seeded `seed + rank`. HF generate samples from `policy` when given
-    (the online stages' live model), else loads `model_dir`."""
+    (the online stages' live model), else loads `model_dir`. `model_config` (vLLM only) defaults to model_dir's."""
     from m1_align.config import ConfigError
     from m1_align.training import compute_dtype
 
@@ -525,6 +525,12 @@ def stage_engine(cfg: Any, model_dir: Path, tokenizer: Any, *, model_config: Any
     if world_size > 1 and (r.tensor_parallel_size > 1 or not r.in_process):
         raise ConfigError("with several processes every rank runs its own in-process vLLM engine; "
                           "set rollout.tensor_parallel_size=1 and rollout.in_process=true")
+    if model_config is None:
+        from transformers import AutoConfig
+
+        import m1_align.model  # noqa: F401  registers baichuan_m1 with AutoConfig
+
+        model_config = AutoConfig.from_pretrained(model_dir, trust_remote_code=cfg.model.trust_remote_code)
     return make_engine(
         "vllm", model_dir=str(model_dir), tokenizer=tokenizer,
         dtype=str(compute_dtype(cfg.model.dtype)).removeprefix("torch."), kv_cache_gib=r.kv_cache_gib,
