@@ -26,6 +26,11 @@ SCRIPT = r'''
 import json, sys, tempfile, time
 from pathlib import Path
 from transformers import TrainerCallback
+try:  # what `m1-align` does at start (older trees, run by --baseline-tree, lack it)
+    from m1_align.training import keep_freed_memory
+    keep_freed_memory()
+except ImportError:
+    pass
 lora, dtype, model, steps, batch, length, cache = sys.argv[1:8]
 times, tokens = [], []
 class Timer(TrainerCallback):
@@ -53,7 +58,8 @@ trainer.training_step = counted
 trainer.train()
 params = sum(p.numel() for n, p in trainer.model.named_parameters() if "lora_" not in n)  # the base model's (tied head once)
 import shutil; shutil.rmtree(cfg.output_dir, ignore_errors=True)  # the trainer's last checkpoint: 1.6 GB per variant
-print("RESULT", json.dumps({"step_s": times[1:], "tokens": tokens[1:], "parameters": params}))
+peak = int(next(line for line in open("/proc/self/status") if line.startswith("VmHWM")).split()[1]) / 2**20  # GiB
+print("RESULT", json.dumps({"step_s": times[1:], "tokens": tokens[1:], "parameters": params, "peak_rss_gib": peak}))
 '''
 
 VARIANTS = {  # label: (lora, dtype, FLOPs per token per parameter)
@@ -102,15 +108,17 @@ def main() -> None:
         own = ceilings[picked]
         results[label] = {"compute_dtype": picked, "step_s": seconds / len(r["step_s"]), "tokens_per_step": tokens / len(r["tokens"]),
                           "tokens_per_s": tokens / seconds, "gflops": gflops, "of_own_ceiling": gflops / own,
-                          "of_faster_ceiling": gflops / max(ceilings.values())}
+                          "of_faster_ceiling": gflops / max(ceilings.values()),
+                          "peak_rss_gib": r["peak_rss_gib"]}
     results["load_average"] = os.getloadavg()
     print(json.dumps({"config": vars(args), "matmul_ceiling_gflops": ceilings, "results": results}, indent=2))
     print("\n" + markdown_table(
-        ["SFT step", "computes in", "step s", "tokens/step", "tokens/s", "GFLOP/s", "of its dtype's ceiling", "of the faster ceiling"],
+        ["SFT step", "computes in", "step s", "tokens/step", "tokens/s", "GFLOP/s", "of its dtype's ceiling", "of the faster ceiling",
+         "peak RSS GiB"],
         [(label, None if results[label] is None else [
             results[label]["compute_dtype"], f"{results[label]['step_s']:.2f}", f"{results[label]['tokens_per_step']:.0f}",
             f"{results[label]['tokens_per_s']:.0f}", f"{results[label]['gflops']:.0f}", f"{results[label]['of_own_ceiling']:.0%}",
-            f"{results[label]['of_faster_ceiling']:.0%}"]) for label, _, _ in runs]))
+            f"{results[label]['of_faster_ceiling']:.0%}", f"{results[label]['peak_rss_gib']:.2f}"]) for label, _, _ in runs]))
     print(f"matmul ceilings (GFLOP/s): {ceilings}")
 
 

@@ -188,6 +188,10 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     # the trainers' own progress bars stay; per-map bars of `datasets` are noise here
     os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+    if args.command != "data":
+        from m1_align.training import keep_freed_memory
+
+        keep_freed_memory()
     try:
         if args.command == "data":
             return _run_data(args)

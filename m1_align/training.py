@@ -4,9 +4,11 @@ metrics.jsonl, resume and the final save. The algorithms live in their own folde
 from __future__ import annotations
 
 import copy
+import ctypes
 import json
 import math
 import shutil
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -159,6 +161,23 @@ def bf16_matmul_faster(size: int = 1024, seconds: float = 0.25) -> bool:
         print(f"dtype=auto: bf16 matmul {rates[torch.bfloat16] / rates[torch.float32]:.2f}x fp32 on this CPU -> "
               f"{'bf16 autocast' if _PROBE[key] else 'fp32'}")
     return _PROBE[key]
+
+
+def keep_freed_memory() -> bool:
+    """Have glibc serve every allocation from its heap and keep freed memory for reuse (the CLI calls this at
+    start; call it yourself when training from Python). By default glibc maps each allocation over 128 KB-32 MB
+    afresh and unmaps it when it is freed, so a training step's tensors, the same sizes every step (autocast's
+    bf16 weight copies, the embedding's dense gradient, logit chunks), page-fault on every first touch:
+    allocating a 57-113 MB tensor took 3.5-6x as long here (docs/BENCHMARKS.md). The cost: the process keeps
+    its peak memory until it exits, and that peak grows a little (fragmentation). False where not glibc."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:  # musl and other libcs
+        return False
+    m_trim_threshold, m_mmap_max = -1, -4  # mallopt parameters, <malloc.h>
+    return bool(libc.mallopt(m_mmap_max, 0)) and bool(libc.mallopt(m_trim_threshold, 2**31 - 1))
 
 
 def require_tokenizer(folder: Path) -> None:
