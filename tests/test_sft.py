@@ -10,7 +10,7 @@ from conftest import stage_overrides
 
 from m1_align.config import SFTConfig, validate
 from m1_align.runs import MetricsLogger
-from m1_align.sft.trainer import build_trainer
+from m1_align.sft.trainer import add_labelled_head, build_trainer
 
 
 def sft_config(data_cache, tmp_path, model_dir, **extra) -> SFTConfig:
@@ -87,15 +87,18 @@ def test_row_packed_batches_give_the_padding_free_loss(model, assistant_only, da
     torch.testing.assert_close(row_loss, flat_loss, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("model", ["hybrid", "llama"])
-def test_labelled_head_gives_the_full_logits_loss_metrics_and_gradients(model, data_cache, tiny_model_dir,
+@pytest.mark.parametrize("model,chunk_tokens", [("hybrid", None), ("llama", None), ("llama", 7)])
+def test_labelled_head_gives_the_full_logits_loss_metrics_and_gradients(model, chunk_tokens, data_cache, tiny_model_dir,
                                                                        tiny_llama_dir, tmp_path):
     """The SFT trainer's output head on labelled positions only (add_labelled_head) against the model's own
-    full logits on a row-packed batch: loss, per-token log-probs, entropy, top-1 hits and every gradient.
-    (TRL's fused head fails this on the hybrid model: it multiplies by NormHead's raw weight.)"""
+    full logits on a row-packed batch: loss, per-token log-probs, entropy, top-1 hits and every gradient, in
+    one chunk (the default) and in many, recomputed in backward but the last. (TRL's fused head fails this on
+    the hybrid model: it multiplies by NormHead's raw weight.)"""
     cfg = sft_config(data_cache, tmp_path, tiny_model_dir if model == "hybrid" else tiny_llama_dir,
                      **{"train.max_steps": 1})
     built, _ = build_trainer(cfg, tmp_path / "sft", MetricsLogger(tmp_path / "sft"))
+    if chunk_tokens:
+        add_labelled_head(built.model, chunk_tokens)
     batch = built.data_collator([built.train_dataset[i] for i in range(4)])
     labels = batch["labels"][:, 1:]
     mask = labels != -100

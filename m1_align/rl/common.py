@@ -77,13 +77,17 @@ def final_hidden_states(model, input_ids: torch.Tensor, attention_mask: torch.Te
 
 def checkpointed_chunks(scores, hidden: torch.Tensor, targets: torch.Tensor, chunk_tokens: int) -> torch.Tensor:
     """scores(h [n, H], y [n]) -> [k, n], applied `chunk_tokens` tokens at a time and concatenated, each chunk
-    under activation checkpointing when grad is on: backward recomputes a chunk's [n, V] logits instead of
-    keeping every chunk's. No tokens: one empty chunk still runs, so the result stays connected to the graph
-    (a micro-batch without a scored token backpropagates zeros instead of failing)."""
+    but the last under activation checkpointing when grad is on: backward recomputes a chunk's [n, V] logits
+    instead of keeping every chunk's. The last chunk keeps its own: backward starts with it, so a recomputed
+    copy would be held at about the same moment anyway, and recomputing it (for most batches the only chunk)
+    costs a head forward (its logits live longer only where other work runs before backward: PPO's critic
+    forward). No tokens: one empty chunk still runs, so the result stays connected to the graph (a
+    micro-batch without a scored token backpropagates zeros instead of failing)."""
     parts = []
-    for begin in range(0, max(targets.numel(), 1), chunk_tokens):
+    total = max(targets.numel(), 1)
+    for begin in range(0, total, chunk_tokens):
         h, y = hidden[begin : begin + chunk_tokens], targets[begin : begin + chunk_tokens]
-        if torch.is_grad_enabled():
+        if torch.is_grad_enabled() and begin + chunk_tokens < total:
             parts.append(torch.utils.checkpoint.checkpoint(scores, h, y, use_reentrant=False))
         else:
             parts.append(scores(h, y))
