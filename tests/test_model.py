@@ -445,3 +445,18 @@ def test_bf16_forward_backward_close_to_fp32():
     assert out.logits.dtype == torch.bfloat16
     assert all(torch.isfinite(p.grad).all() for p in bf16.parameters())
     assert abs(out.loss.item() - loss32.item()) < 0.05
+
+
+def test_the_prepared_gpu_check_runs(tmp_path):
+    """bench/gpu_check.py waits for a session that is lent a GPU; its --quick CPU run keeps it from rotting."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "bench" / "gpu_check.py"
+    out = tmp_path / "gpu_check.md"
+    subprocess.run([sys.executable, str(script), "--device", "cpu", "--quick", "--out", str(out)], check=True,
+                   capture_output=True, timeout=300)
+    text = out.read_text()
+    assert "1. Training step" in text and "2. Forward+backward at varying lengths" in text and "3. HF generate" in text
+    assert text.count("window-chunked SDPA") >= 3 and "causal SDPA" in text
