@@ -29,7 +29,9 @@ def variant(args) -> dict:
     from transformers import AutoModelForCausalLM
 
     from m1_align.rl.common import causal_lm_logprobs
+    from m1_align.training import keep_freed_memory
 
+    keep_freed_memory()  # as `m1-align` does at start
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
     params = sum(p.numel() for p in model.parameters())

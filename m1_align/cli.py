@@ -188,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     # the trainers' own progress bars stay; per-map bars of `datasets` are noise here
     os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
-    if args.command != "data":
+    if args.command != "data" and os.environ.get("M1_ALIGN_KEEP_FREED_MEMORY", "1") != "0":
         from m1_align.training import keep_freed_memory
 
         keep_freed_memory()
