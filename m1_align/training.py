@@ -165,11 +165,12 @@ def bf16_matmul_faster(size: int = 1024, seconds: float = 0.25) -> bool:
 
 def keep_freed_memory() -> bool:
     """Have glibc serve every allocation from its heap and keep freed memory for reuse (the CLI calls this at
-    start; call it yourself when training from Python). By default glibc maps each allocation over 128 KB-32 MB
-    afresh and unmaps it when it is freed, so a training step's tensors, the same sizes every step (autocast's
-    bf16 weight copies, the embedding's dense gradient, logit chunks), page-fault on every first touch:
-    allocating a 57-113 MB tensor took 3.5-6x as long here (docs/BENCHMARKS.md). The cost: the process keeps
-    its peak memory until it exits, and that peak grows a little (fragmentation). False where not glibc."""
+    start; call it yourself when training from Python). By default glibc maps each allocation above its mmap
+    threshold (128 KB, rising to at most 32 MB) afresh and unmaps it when it is freed, so a training step's
+    tensors, the same sizes every step (autocast's bf16 weight copies, the embedding's dense gradient, logit
+    chunks), page-fault on every first touch: allocating a 57-113 MB tensor took 3.5-6x as long here
+    (docs/BENCHMARKS.md). The cost: the process keeps its peak memory until it exits, and that peak grows
+    (5-13% here: fragmentation). False where not glibc."""
     if not sys.platform.startswith("linux"):
         return False
     try:
