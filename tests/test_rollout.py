@@ -152,6 +152,28 @@ def test_n_samples_stop_ids_and_finish_reasons(engine, request, tokenizer):
     assert all(EOS not in c.token_ids[:-1] for c in eos_only[0])
 
 
+@pytest.mark.parametrize("which", ["qwen", "hybrid"])
+def test_hf_engine_prefills_a_prompt_once_and_samples_what_generate_would(which, model, tokenizer, tiny_model_dir):
+    """n samples of a prompt continue from copies of one prefill (the hybrid model's K/V convolution state
+    included); generate alone would run the prompt n times. The same seed gives the same tokens, and the
+    same log-probs to float error, over left-padded batches of uneven prompts."""
+    from transformers import AutoModelForCausalLM
+
+    import m1_align.model  # noqa: F401  registers baichuan_m1
+
+    net = model if which == "qwen" else AutoModelForCausalLM.from_pretrained(str(tiny_model_dir))
+    params = SamplingSettings(n=3, max_new_tokens=8, stop_token_ids=(), seed=5)
+    runs = {}
+    for shared in (True, False):
+        engine = HFEngine(net, tokenizer, batch_size=3)
+        engine.share_prefill = shared
+        runs[shared] = [c for s in engine.generate(PROMPTS, params) for c in s]
+    assert [c.token_ids for c in runs[True]] == [c.token_ids for c in runs[False]]
+    assert len({tuple(c.token_ids) for c in runs[True]}) > len(PROMPTS)  # a prompt's samples differ
+    for ours, generates in zip(runs[True], runs[False], strict=True):
+        torch.testing.assert_close(torch.tensor(ours.logprobs), torch.tensor(generates.logprobs), atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("engine", ["vllm_engine", "hf_engine"])
 def test_seed_reproduces_samples(engine, request):
     engine = request.getfixturevalue(engine)

@@ -390,6 +390,8 @@ class HFEngine:
     otherwise the weights are copied into the engine's model.
     """
 
+    share_prefill = True  # n > 1: prefill each prompt once for its n samples (False: generate's own repetition)
+
     def __init__(self, model: torch.nn.Module, tokenizer: Any = None, *, batch_size: int = 16):
         self.model, self.tokenizer, self.batch_size = model, tokenizer, batch_size
         self.eos_ids = eos_ids_of(model.config, getattr(model, "generation_config", None), tokenizer)
@@ -448,9 +450,21 @@ class HFEngine:
         for row, ids in enumerate(prompts):  # left padding: every prompt ends where generation starts
             input_ids[row, width - len(ids) :] = torch.tensor(list(ids))
             attention_mask[row, width - len(ids) :] = 1
-        out = self.model.generate(
-            input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), generation_config=config
-        )
+        n = config.num_return_sequences
+        cache = None
+        if self.share_prefill and n > 1 and width > 1:
+            # generate would repeat each prompt n times before its first forward, so the prompts' FLOPs (often
+            # more than the sampling's) are paid n times: prefill each prompt once, without its last token, and
+            # let its n samples continue from copies of its cache (the same rows generate would build)
+            positions = (attention_mask.cumsum(-1) - 1).masked_fill(attention_mask == 0, 1)  # as generate's
+            cache = self.model(input_ids=input_ids[:, :-1].to(device), attention_mask=attention_mask[:, :-1].to(device),
+                               position_ids=positions[:, :-1].to(device), use_cache=True, logits_to_keep=1).past_key_values
+            cache.batch_repeat_interleave(n)
+            input_ids, attention_mask = input_ids.repeat_interleave(n, 0), attention_mask.repeat_interleave(n, 0)
+            config = copy.copy(config)
+            config.num_return_sequences = 1
+        out = self.model.generate(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
+                                  past_key_values=cache, generation_config=config)
         new_tokens = out.sequences[:, width:].cpu()  # (B*n, steps)
         # one step at a time: a (B*n, steps, V) fp32 copy would not fit for a large vocabulary
         logprobs = torch.stack(
@@ -464,7 +478,6 @@ class HFEngine:
         for tokens, lps in zip(new_tokens.tolist(), logprobs.tolist(), strict=True):
             end = next((i + 1 for i, t in enumerate(tokens) if t in stop_ids), len(tokens))
             completions.append(finish(tokens[:end], lps[:end], stop_ids, self.tokenizer))
-        n = config.num_return_sequences
         return [completions[i : i + n] for i in range(0, len(completions), n)]
 
     def update_weights(self, model: torch.nn.Module) -> None:
