@@ -90,7 +90,7 @@ def main() -> None:
               f"{sizes['num_attention_heads']} x {sizes['hidden_size'] // sizes['num_attention_heads']}, sliding "
               f"{sizes['num_swa_attention_heads']} x {sizes['hidden_size'] // sizes['num_swa_attention_heads']} (heads x dim), "
               f"window {sizes['sliding_window']}; bf16 matmul ceiling {ceiling:.2f} TFLOP/s measured in this run", "",
-              "| batch x length | step s (median) | tokens/s | of the bf16 ceiling (6 x params) | peak memory GiB |",
+              "| batch x length | step s (median) | tokens/s | of the bf16 ceiling (6 x params, embedding included, attention not) | peak memory GiB |",
               "|---|---|---|---|---|",
               f"| {batch} x {length} | {seconds:.3f} | {tokens_per_s:,.0f} | {fraction:.0%} | {peak:.1f} |"]
 

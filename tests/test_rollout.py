@@ -174,6 +174,18 @@ def test_hf_engine_prefills_a_prompt_once_and_samples_what_generate_would(which,
         torch.testing.assert_close(torch.tensor(ours.logprobs), torch.tensor(generates.logprobs), atol=1e-5, rtol=1e-5)
 
 
+def test_hf_engine_samples_the_usual_way_where_a_cache_cannot_be_repeated(model, tokenizer):
+    """A model whose generation config asks for its own cache (static here; recurrent and linear-attention caches
+    alike) samples through generate's own repetition of the prompt, with the same tokens."""
+    params = SamplingSettings(n=2, max_new_tokens=6, stop_token_ids=(), seed=2)
+    expected = [c.token_ids for s in HFEngine(model, tokenizer).generate(PROMPTS[:2], params) for c in s]
+    static = copy.deepcopy(model)
+    static.generation_config.cache_implementation = "static"
+    engine = HFEngine(static, tokenizer)
+    assert [c.token_ids for s in engine.generate(PROMPTS[:2], params) for c in s] == expected
+    assert engine.share_prefill is False
+
+
 @pytest.mark.parametrize("engine", ["vllm_engine", "hf_engine"])
 def test_seed_reproduces_samples(engine, request):
     engine = request.getfixturevalue(engine)

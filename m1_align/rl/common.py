@@ -102,7 +102,7 @@ def causal_lm_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Ten
 
     The [B, T, V] logits are never built: the final hidden states come from the decoder (final_hidden_states)
     and the output head is applied `chunk_tokens` positions at a time, only where a real token is scored,
-    under activation checkpointing so backward recomputes each chunk instead of keeping its logits.
+    under activation checkpointing so backward recomputes each chunk but the last instead of keeping its logits.
     pack=True drops the padding from the forward too: each row's real tokens (mask 1, left or right
     padding) are packed first-fit into rows no longer than the longest sample, with positions restarting
     at 0 per sample and no attention mask, which transformers' causal masks and the hybrid model read as

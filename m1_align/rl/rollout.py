@@ -21,6 +21,7 @@ the trainer's model untouched) and `verify_weights(model)` compares log-probs on
 from __future__ import annotations
 
 import copy
+import inspect
 import logging
 import os
 import shutil
@@ -381,6 +382,23 @@ class VLLMEngine:
 # ---------------------------------------------------------------------------------------------------------
 
 
+def accepts(function, name: str) -> bool:
+    parameters = inspect.signature(function).parameters.values()
+    return any(p.name == name or p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters)
+
+
+def repeatable(cache) -> bool:
+    """Whether `batch_repeat_interleave` copies all of a cache's state: transformers' dynamic K/V layers (full and
+    sliding) and the hybrid model's cache, which repeats its K/V convolution state too. Linear-attention and
+    recurrent layers keep state it would not repeat."""
+    from transformers.cache_utils import DynamicCache, DynamicLayer, DynamicSlidingWindowLayer
+
+    from m1_align.model.modeling import BaichuanM1Cache
+
+    return type(cache) in (DynamicCache, BaichuanM1Cache) and all(
+        type(layer) in (DynamicLayer, DynamicSlidingWindowLayer) for layer in cache.layers)
+
+
 class HFEngine:
     """transformers `generate` on a model in memory. Prompts are left-padded into batches of `batch_size`;
     generate keeps every step's raw logits, (batch_size * n, max_new_tokens, vocab), so keep batches small
@@ -456,13 +474,18 @@ class HFEngine:
             # generate would repeat each prompt n times before its first forward, so the prompts' FLOPs (often
             # more than the sampling's) are paid n times: prefill each prompt once, without its last token, and
             # let its n samples continue from copies of its cache (the same rows generate would build)
-            positions = (attention_mask.cumsum(-1) - 1).masked_fill(attention_mask == 0, 1)  # as generate's
+            positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # padding's positions are masked anyway
+            head = {"logits_to_keep": 1} if accepts(self.model.forward, "logits_to_keep") else {}  # no [B, T, V] logits
             cache = self.model(input_ids=input_ids[:, :-1].to(device), attention_mask=attention_mask[:, :-1].to(device),
-                               position_ids=positions[:, :-1].to(device), use_cache=True, logits_to_keep=1).past_key_values
-            cache.batch_repeat_interleave(n)
-            input_ids, attention_mask = input_ids.repeat_interleave(n, 0), attention_mask.repeat_interleave(n, 0)
-            config = copy.copy(config)
-            config.num_return_sequences = 1
+                               position_ids=positions[:, :-1].to(device), use_cache=True, **head).past_key_values
+            if repeatable(cache) and not any(getattr(self.model.generation_config, name, None)
+                                             for name in ("cache_implementation", "prefill_chunk_size")):
+                cache.batch_repeat_interleave(n)
+                input_ids, attention_mask = input_ids.repeat_interleave(n, 0), attention_mask.repeat_interleave(n, 0)
+                config = copy.copy(config)
+                config.num_return_sequences = 1
+            else:  # a cache with recurrent or static state (Mamba-style, linear attention...): generate's own way
+                self.share_prefill, cache = False, None
         out = self.model.generate(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
                                   past_key_values=cache, generation_config=config)
         new_tokens = out.sequences[:, width:].cpu()  # (B*n, steps)
