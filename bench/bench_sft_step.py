@@ -58,7 +58,7 @@ trainer.training_step = counted
 trainer.train()
 params = sum(p.numel() for n, p in trainer.model.named_parameters() if "lora_" not in n)  # the base model's (tied head once)
 import shutil; shutil.rmtree(cfg.output_dir, ignore_errors=True)  # the trainer's last checkpoint: 1.6 GB per variant
-peak = int(next(line for line in open("/proc/self/status") if line.startswith("VmHWM")).split()[1]) / 2**20  # GiB
+import resource; peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # kB -> GiB
 print("RESULT", json.dumps({"step_s": times[1:], "tokens": tokens[1:], "parameters": params, "peak_rss_gib": peak}))
 '''
 

@@ -148,7 +148,7 @@ print(before - rss_kb())
 """
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="keep_freed_memory acts only on Linux, through glibc's mallopt")
 def test_keep_freed_memory_keeps_a_freed_tensor_for_the_next_one():
     """By default glibc unmaps a freed 64 MiB tensor (so the next one page-faults afresh); after
     keep_freed_memory (which the CLI calls) the memory stays with the process for reuse."""

@@ -408,14 +408,17 @@ class HFEngine:
     otherwise the weights are copied into the engine's model.
     """
 
-    share_prefill = True  # n > 1: prefill each prompt once for its n samples (False: generate's own repetition)
-
     def __init__(self, model: torch.nn.Module, tokenizer: Any = None, *, batch_size: int = 16):
         self.model, self.tokenizer, self.batch_size = model, tokenizer, batch_size
         self.eos_ids = eos_ids_of(model.config, getattr(model, "generation_config", None), tokenizer)
         pad = getattr(tokenizer, "pad_token_id", None)
         self.pad_id = pad if pad is not None else (self.eos_ids[0] if self.eos_ids else 0)
         self.dtype = next(model.parameters()).dtype
+        # n > 1: prefill each prompt once for its n samples (False: generate's own repetition of the prompt); not
+        # where the model's generation config asks for a cache of its own (static, offloaded) or a chunked prefill
+        generation_config = getattr(model, "generation_config", None)
+        self.share_prefill = not any(getattr(generation_config, name, None)
+                                     for name in ("cache_implementation", "prefill_chunk_size"))
 
     @torch.no_grad()
     def generate(
@@ -478,13 +481,12 @@ class HFEngine:
             head = {"logits_to_keep": 1} if accepts(self.model.forward, "logits_to_keep") else {}  # no [B, T, V] logits
             cache = self.model(input_ids=input_ids[:, :-1].to(device), attention_mask=attention_mask[:, :-1].to(device),
                                position_ids=positions[:, :-1].to(device), use_cache=True, **head).past_key_values
-            if repeatable(cache) and not any(getattr(self.model.generation_config, name, None)
-                                             for name in ("cache_implementation", "prefill_chunk_size")):
+            if repeatable(cache):
                 cache.batch_repeat_interleave(n)
                 input_ids, attention_mask = input_ids.repeat_interleave(n, 0), attention_mask.repeat_interleave(n, 0)
                 config = copy.copy(config)
                 config.num_return_sequences = 1
-            else:  # a cache with recurrent or static state (Mamba-style, linear attention...): generate's own way
+            else:  # a cache with recurrent state (Mamba-style, linear attention...): generate's own way
                 self.share_prefill, cache = False, None
         out = self.model.generate(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
                                   past_key_values=cache, generation_config=config)
