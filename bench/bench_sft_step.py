@@ -5,7 +5,8 @@ and bf16 autocast, side by side.
 
 Each variant builds the stage's own trainer (`m1_align.sft.trainer.build_trainer`: TRL's SFTTrainer with our
 data, assistant-only masks and padding-free packing) in its own subprocess, one after the other, on the same
-model, data, batch and length, and trains `--steps` steps; the first is a warm-up and is not timed. Tokens per
+model, data, batch and length, and trains `--steps` steps; the first is a warm-up and is not timed (with
+`model.compile` it also pays the compile). Tokens per
 step are the packed rows' real tokens (no padding). FLOPs per token: 6 x params for full-parameter training
 (forward 2, backward 4); 4 x params for LoRA (the frozen weights need the input gradients, 2 x params, but no
 weight gradients; the adapters' own FLOPs are under 1%). Fractions are of the faster dtype's ceiling, and of
@@ -31,7 +32,7 @@ try:  # what `m1-align` does at start (older trees, run by --baseline-tree, lack
     keep_freed_memory()
 except ImportError:
     pass
-lora, dtype, model, steps, batch, length, cache = sys.argv[1:8]
+lora, dtype, model, steps, batch, length, cache, compiled = sys.argv[1:9]
 times, tokens = [], []
 class Timer(TrainerCallback):
     def on_step_begin(self, *a, **k): self.t = time.perf_counter()
@@ -42,7 +43,8 @@ from m1_align.sft.trainer import build_trainer
 cfg = load_config("sft", None, [f"output_dir={tempfile.mkdtemp()}", f"model.path={model}", f"model.dtype={dtype}",
                   f"data.cache_dir={cache}", "data.max_per_task=1500", "data.eval_per_task=100", f"train.max_steps={steps}",
                   f"train.batch_size={batch}", f"train.max_length={length}", "train.learning_rate=1e-5",
-                  "train.save_steps=10000", "train.logging_steps=1", "train.eval_limit=1", f"model.lora.enabled={lora}"])
+                  "train.save_steps=10000", "train.logging_steps=1", "train.eval_limit=1", f"model.lora.enabled={lora}"]
+                  + (["model.compile=true"] if compiled == "true" else []))
 trainer, _ = build_trainer(cfg, Path(cfg.output_dir), MetricsLogger(Path(cfg.output_dir), run_name="bench"))
 trainer.eval_dataset = None
 trainer.add_callback(Timer())
@@ -62,12 +64,15 @@ import resource; peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**
 print("RESULT", json.dumps({"step_s": times[1:], "tokens": tokens[1:], "parameters": params, "peak_rss_gib": peak}))
 '''
 
-VARIANTS = {  # label: (lora, dtype, FLOPs per token per parameter)
-    "full fp32": ("false", "float32", 6),
-    "full auto": ("false", "auto", 6),  # model.dtype=auto: bf16 autocast where this CPU's bf16 matmul is faster
-    "LoRA fp32": ("true", "float32", 4),
-    "LoRA auto": ("true", "auto", 4),
+VARIANTS = {  # label: (lora, dtype, FLOPs per token per parameter, model.compile)
+    "full fp32": ("false", "float32", 6, "false"),
+    "full auto": ("false", "auto", 6, "false"),  # model.dtype=auto: bf16 autocast where this CPU's bf16 matmul is faster
+    "LoRA fp32": ("true", "float32", 4, "false"),
+    "LoRA auto": ("true", "auto", 4, "false"),
+    "full auto compiled": ("false", "auto", 6, "true"),  # model.compile=true: the decoder layers compiled
+    "LoRA auto compiled": ("true", "auto", 4, "true"),
 }
+DEFAULT = ["full fp32", "full auto", "LoRA fp32", "LoRA auto"]
 
 
 def main() -> None:
@@ -77,7 +82,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--max-length", type=int, default=256)
     parser.add_argument("--data-cache", default="data_cache")
-    parser.add_argument("--variants", default=",".join(VARIANTS), help=f"a comma-separated subset of: {', '.join(VARIANTS)}")
+    parser.add_argument("--variants", default=",".join(DEFAULT), help=f"a comma-separated subset of: {', '.join(VARIANTS)}")
     parser.add_argument("--baseline-tree", help="also run each variant with m1_align imported from this older checkout")
     args = parser.parse_args()
     if args.steps < 2:
@@ -95,9 +100,9 @@ def main() -> None:
     ceilings = {dtype: ceiling_gflops(dtype) for dtype in ("float32", "bfloat16")}
     results = {}
     for label, variant, script in runs:
-        lora, dtype, flops_per_param = VARIANTS[variant]
+        lora, dtype, flops_per_param, compiled = VARIANTS[variant]
         r, log = run_result([sys.executable, "-c", script, lora, dtype, args.model, str(args.steps), str(args.batch_size),
-                             str(args.max_length), args.data_cache])
+                             str(args.max_length), args.data_cache, compiled])
         if r is None:
             failed(label, log)
             results[label] = None

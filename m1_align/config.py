@@ -65,6 +65,10 @@ class ModelConfig(Section):
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     trust_remote_code: bool = False  # never on unless asked: it runs code from the model folder
     gradient_checkpointing: bool = False
+    # torch.compile each decoder layer in place (regional compilation: one compile serves every layer, for any
+    # sequence length); the first step pays the compile (~20 s on 2 CPU cores), generation runs eager. On the
+    # real model on a CPU: 0.9x the full-parameter SFT step, no gain with LoRA (docs/BENCHMARKS.md)
+    compile: bool = False
     lora: LoraConfig = LoraConfig()
 
     _paths = field_validator("path", "tokenizer")(_check_path)

@@ -212,7 +212,31 @@ def load_model(cfg: ModelConfig, kind: str = "causal_lm", model_dir: Path | None
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
+    if cfg.compile:
+        compile_layers(model)
     return model
+
+
+def compile_layers(model: torch.nn.Module) -> int:
+    """torch.compile, in place, every block of each run of identical blocks (a ModuleList of one class: the
+    decoder layers), with dynamic shapes: one compile serves all of them at every sequence length, the
+    parameters' names do not change (checkpoints and weight sync read them) and module hooks (DeepSpeed's,
+    PEFT's) still run. What compiling buys is fused elementwise work (norms, activations, rotary embeddings,
+    residual adds) between the matmuls. Generation is left eager (`eager_generation`). Returns how many blocks."""
+    count = 0
+    for module in list(model.modules()):
+        if isinstance(module, torch.nn.ModuleList) and len(module) > 1 and len({type(m) for m in module}) == 1:
+            for block in module:
+                block.compile(dynamic=True)
+            count += len(module)
+    return count
+
+
+def eager_generation():
+    """Run compiled blocks eagerly while generating: prefill and one-token decode steps against a cache would
+    each need graphs of their own, which cost 17 s more compile on the real model and sampled no faster
+    (docs/BENCHMARKS.md)."""
+    return torch.compiler.set_stance("force_eager")
 
 
 def _init_deepspeed_comm() -> None:

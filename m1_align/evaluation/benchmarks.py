@@ -25,6 +25,7 @@ from m1_align.data.chat import apply_chat_template
 from m1_align.data.tasks import ANSWER_DELIMITER, LETTERS
 from m1_align.reward_models.evaluate import score_conversations
 from m1_align.reward_models.rules import score
+from m1_align.training import eager_generation
 
 Messages = list[dict[str, str]]
 Generate = Callable[[list[Messages]], list[str]]
@@ -54,14 +55,15 @@ def greedy_generate(model, tokenizer, prompts: list[list[int]], max_new_tokens: 
         width = max(len(p) for p in batch)
         input_ids = torch.tensor([[pad] * (width - len(p)) + p for p in batch], device=device)
         attention_mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in batch], device=device)
-        generated = model.generate(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            max_new_tokens=max_new_tokens,
-            do_sample=False,
-            pad_token_id=pad,
-            eos_token_id=tokenizer.eos_token_id,
-        )
+        with eager_generation():
+            generated = model.generate(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                pad_token_id=pad,
+                eos_token_id=tokenizer.eos_token_id,
+            )
         for row in generated[:, width:]:
             outputs.append(tokenizer.decode(row, skip_special_tokens=True))
     model.train(was_training)

@@ -33,6 +33,8 @@ from typing import Any, Literal, Protocol
 
 import torch
 
+from m1_align.training import eager_generation
+
 logger = logging.getLogger(__name__)
 
 FinishReason = Literal["stop", "length"]
@@ -445,7 +447,7 @@ class HFEngine:
         self.model.eval()
         results: list[list[Completion]] = []
         try:
-            with torch.random.fork_rng(devices=[] if device.type == "cpu" else [device]):
+            with torch.random.fork_rng(devices=[] if device.type == "cpu" else [device]), eager_generation():
                 if params.prompt_seeds is not None:  # prompt by prompt, each from its own seed
                     for ids, seed in zip(prompt_ids, params.prompt_seeds, strict=True):
                         torch.manual_seed(seed)

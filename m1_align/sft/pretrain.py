@@ -22,6 +22,7 @@ from m1_align.sft.trainer import M1SFTTrainer
 from m1_align.training import (
     CheckpointMarker,
     MetricsCallback,
+    compile_layers,
     finish_stage,
     last_checkpoint,
     resolve_dtype,
@@ -54,7 +55,10 @@ def base_model(cfg: PretrainConfig, tokenizer):
         eos_token_id=tokenizer.eos_token_id,
         bos_token_id=tokenizer.bos_token_id,
     )
-    return BaichuanM1ForCausalLM(config).to(resolve_dtype(cfg.model.dtype))
+    model = BaichuanM1ForCausalLM(config).to(resolve_dtype(cfg.model.dtype))
+    if cfg.model.compile:
+        compile_layers(model)
+    return model
 
 
 def run(cfg: PretrainConfig) -> StageResult:
