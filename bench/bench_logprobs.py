@@ -1,7 +1,8 @@
 """Policy log-probs on a real model: the full-logits computation against causal_lm_logprobs (the output head
 only on the scored positions, in checkpointed chunks), in fp32 and under bf16 autocast (fp32 weights, what
 model.dtype=auto picks where bf16 matmuls are faster), forward + backward, with this machine's fp32 and bf16
-matmul ceilings measured in the same run.
+matmul ceilings measured in the same run; and the bf16 one again with the decoder layers compiled
+(model.compile=true).
 
     .venv/bin/python bench/bench_logprobs.py --model models/smollm2-135m-instruct
 
@@ -20,7 +21,7 @@ import time
 from ceiling import ceiling_gflops  # bench/ceiling.py
 from side_by_side import run_result
 
-VARIANTS = ("full", "chunked", "chunked-bf16-autocast")
+VARIANTS = ("full", "chunked", "chunked-bf16-autocast", "chunked-bf16-autocast-compiled")
 
 
 
@@ -29,12 +30,14 @@ def variant(args) -> dict:
     from transformers import AutoModelForCausalLM
 
     from m1_align.rl.common import causal_lm_logprobs
-    from m1_align.training import keep_freed_memory
+    from m1_align.training import compile_layers, keep_freed_memory
 
     keep_freed_memory()  # as `m1-align` does at start
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
     params = sum(p.numel() for p in model.parameters())
+    if args.variant.endswith("compiled"):  # model.compile=true; the untimed first call compiles
+        compile_layers(model)
     ids = torch.randint(100, model.config.vocab_size, (args.batch, args.prompt + args.response))
     mask = torch.ones_like(ids)
     start = args.prompt
@@ -49,8 +52,8 @@ def variant(args) -> dict:
     def chunked():
         return causal_lm_logprobs(model, ids, mask, start, 0.7)[0]
 
-    compute = {"full": full, "chunked": chunked, "chunked-bf16-autocast": chunked}[args.variant]
-    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.variant.endswith("autocast"))
+    compute = full if args.variant == "full" else chunked
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled="autocast" in args.variant)
     times = []
     for _ in range(args.repeats + 1):
         model.zero_grad(set_to_none=True)
@@ -84,12 +87,13 @@ def main() -> None:
         if result is None:
             sys.exit(log[-3000:])
         results.append(result)
-    full, chunked, bf16 = results
+    full, chunked, bf16, compiled = results
     best = max(ceilings.values())
     summary = {"matmul_ceiling_gflops": ceilings, "results": results,
                "chunked_vs_full_time": chunked["seconds"] / full["seconds"],
                "chunked_vs_full_peak_mem": chunked["peak_rss_mb"] / full["peak_rss_mb"],
-               "bf16_autocast_vs_fp32_time": bf16["seconds"] / chunked["seconds"]}
+               "bf16_autocast_vs_fp32_time": bf16["seconds"] / chunked["seconds"],
+               "compiled_vs_not_time": compiled["seconds"] / bf16["seconds"]}
     print(json.dumps(summary, indent=1))
     print(f"\nmatmul ceilings (2048^3): fp32 {ceilings['float32']:.0f}, bf16 {ceilings['bfloat16']:.0f} GFLOP/s; "
           f"batch {args.batch} x ({args.prompt} prompt + {args.response} response) tokens")
@@ -98,7 +102,8 @@ def main() -> None:
     for r in results:
         print(f"| {r['variant']} | {r['seconds']:.2f} | {r['tokens_per_s']:.0f} | {r['gflops']:.0f} | {100 * r['gflops'] / best:.0f}% | {r['peak_rss_mb']:.0f} MB |")
     print(f"chunked / full: time {summary['chunked_vs_full_time']:.2f}x, peak memory {summary['chunked_vs_full_peak_mem']:.2f}x; "
-          f"bf16 autocast / fp32 (chunked): time {summary['bf16_autocast_vs_fp32_time']:.2f}x")
+          f"bf16 autocast / fp32 (chunked): time {summary['bf16_autocast_vs_fp32_time']:.2f}x; "
+          f"compiled layers / not (bf16): time {summary['compiled_vs_not_time']:.2f}x")
 
 
 if __name__ == "__main__":
