@@ -65,7 +65,8 @@ def test_every_stage_runs_on_a_chatml_llama(data_cache, tiny_llama_dir, tmp_path
         "ppo.prompts_per_step": 2, "ppo.samples_per_prompt": 2, "ppo.minibatch_size": 4, "reward.model": str(tmp_path / "rm"),
         "reward.mode": "mix", "ppo.tis_cap": 2.0, "ppo.dynamic_sampling": True, "ppo.max_sampling_rounds": 2,
         "ppo.clip_range_high": 0.28, "ppo.overlong_buffer": 8, "rollout.temperature": 0.7,
-        "model.lora.enabled": True, "model.lora.merge_on_save": True}))  # LoRA: the reference is the adapter-disabled policy
+        "model.lora.enabled": True, "model.lora.merge_on_save": True,  # LoRA: the reference is the adapter-disabled policy
+        "model.compile": True}))  # compiled layers: the weight sync and the saved model keep the parameters' names
     for result in (elo, grpo):
         steps = [json.loads(line) for line in (tmp_path / result.stage / "metrics.jsonl").read_text().splitlines()]
         # the engine samples the Llama's weights after every update
