@@ -458,5 +458,6 @@ def test_the_prepared_gpu_check_runs(tmp_path):
     subprocess.run([sys.executable, str(script), "--device", "cpu", "--quick", "--out", str(out)], check=True,
                    capture_output=True, timeout=300)
     text = out.read_text()
-    assert "1. Training step" in text and "2. Forward+backward at varying lengths" in text and "3. HF generate" in text
+    assert "1. Training step" in text and "2. Forward+backward at varying lengths" in text and "4. HF generate" in text
+    assert "3. The step of 1 with the decoder layers compiled" in text and "failed" not in text
     assert text.count("window-chunked SDPA") >= 3 and "causal SDPA" in text
