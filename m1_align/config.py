@@ -67,7 +67,8 @@ class ModelConfig(Section):
     gradient_checkpointing: bool = False
     # torch.compile each decoder layer in place (regional compilation: one compile serves every layer, for any
     # sequence length); the first step pays the compile (~20 s on 2 CPU cores), generation runs eager. On the
-    # real model on a CPU: 0.9x the full-parameter SFT step, no gain with LoRA (docs/BENCHMARKS.md)
+    # real model on a CPU: 0.84-0.94x the full-parameter SFT step, 0.79x LoRA's without dropout, no gain with
+    # LoRA dropout (docs/BENCHMARKS.md)
     compile: bool = False
     lora: LoraConfig = LoraConfig()
 

@@ -217,19 +217,16 @@ def load_model(cfg: ModelConfig, kind: str = "causal_lm", model_dir: Path | None
     return model
 
 
-def compile_layers(model: torch.nn.Module) -> int:
+def compile_layers(model: torch.nn.Module) -> None:
     """torch.compile, in place, every block of each run of identical blocks (a ModuleList of one class: the
     decoder layers), with dynamic shapes: one compile serves all of them at every sequence length, the
     parameters' names do not change (checkpoints and weight sync read them) and module hooks (DeepSpeed's,
     PEFT's) still run. What compiling buys is fused elementwise work (norms, activations, rotary embeddings,
-    residual adds) between the matmuls. Generation is left eager (`eager_generation`). Returns how many blocks."""
-    count = 0
+    residual adds) between the matmuls. Generation is left eager (`eager_generation`)."""
     for module in list(model.modules()):
         if isinstance(module, torch.nn.ModuleList) and len(module) > 1 and len({type(m) for m in module}) == 1:
             for block in module:
                 block.compile(dynamic=True)
-            count += len(module)
-    return count
 
 
 def eager_generation():
