@@ -22,6 +22,7 @@ import argparse
 import time
 
 import torch
+from ceiling import ceiling_gflops  # bench/ceiling.py
 
 from m1_align.model import BaichuanM1ForCausalLM, preset_config
 from m1_align.training import compile_layers, eager_generation
@@ -46,16 +47,6 @@ def timed(fn, device):
     return time.perf_counter() - start
 
 
-def ceiling_tflops(device, size: int, seconds: float = 2.0) -> float:
-    a, b = (torch.randn(size, size, dtype=torch.bfloat16, device=device) for _ in range(2))
-    torch.mm(a, b)
-    done, elapsed = 0, 0.0
-    while elapsed < seconds:
-        elapsed += timed(lambda: torch.mm(a, b), device)
-        done += 1
-    return 2 * size**3 * done / elapsed / 1e12
-
-
 def training_step(model, optimizer, ids, device):
     with torch.autocast(device.type, dtype=torch.bfloat16):
         loss = model(input_ids=ids, labels=ids).loss
@@ -77,7 +68,7 @@ def main() -> None:
     lengths = [256, 384, 512, 256, 48] if args.quick else [2048, 2176, 3072, 4096, 2048, 2100]
     lines = [f"Device: {torch.cuda.get_device_name(device) if device.type == 'cuda' else 'CPU'}; torch {torch.__version__}"]
 
-    ceiling = ceiling_tflops(device, 1024 if args.quick else 8192)
+    ceiling = ceiling_gflops("bfloat16", 1024 if args.quick else 8192, device=args.device) / 1000  # TFLOP/s
     model = BaichuanM1ForCausalLM(preset_config("baichuan-m1-14b", **sizes)).to(device)
     params = sum(p.numel() for p in model.parameters())
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=device.type == "cuda")
