@@ -421,6 +421,8 @@ class HFEngine:
         generation_config = getattr(model, "generation_config", None)
         self.share_prefill = not any(getattr(generation_config, name, None)
                                      for name in ("cache_implementation", "prefill_chunk_size"))
+        # the shared prefill needs the last position's logits only: no [B, T, V] where the forward can skip them
+        self.prefill_head = {"logits_to_keep": 1} if accepts(model.forward, "logits_to_keep") else {}
 
     @torch.no_grad()
     def generate(
@@ -480,9 +482,9 @@ class HFEngine:
             # more than the sampling's) are paid n times: prefill each prompt once, without its last token, and
             # let its n samples continue from copies of its cache (the same rows generate would build)
             positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # padding's positions are masked anyway
-            head = {"logits_to_keep": 1} if accepts(self.model.forward, "logits_to_keep") else {}  # no [B, T, V] logits
             cache = self.model(input_ids=input_ids[:, :-1].to(device), attention_mask=attention_mask[:, :-1].to(device),
-                               position_ids=positions[:, :-1].to(device), use_cache=True, **head).past_key_values
+                               position_ids=positions[:, :-1].to(device), use_cache=True,
+                               **self.prefill_head).past_key_values
             if repeatable(cache):
                 cache.batch_repeat_interleave(n)
                 input_ids, attention_mask = input_ids.repeat_interleave(n, 0), attention_mask.repeat_interleave(n, 0)

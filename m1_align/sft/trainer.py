@@ -70,8 +70,9 @@ def add_labelled_head(model, chunk_tokens: int = 1024) -> None:
     casts each tile to fp32 for the matmul and a dozen elementwise passes over [tokens, 32768] tiles; with
     assistant-only loss about half the positions have no label. It calls the head module rather than
     multiplying by its weight, and computes in the forward's dtype, as the model's own forward does (bf16
-    logits under bf16 autocast; TRL's kernel accumulates them in fp32). The outputs TRL's compute_loss reads: loss, log-probs, and entropy and top-1
-    hits for its metrics (tests/test_sft.py checks them against the full logits)."""
+    logits under bf16 autocast; TRL's kernel accumulates them in fp32). The outputs TRL's compute_loss reads:
+    loss, log-probs, and entropy and top-1 hits for its metrics (tests/test_sft.py checks them against the
+    full logits)."""
     trl_forward = model.forward
 
     def scores(h, y):  # [3, n]: log p(label), entropy, whether the label is the most likely token
