@@ -210,3 +210,15 @@ def test_compiled_layers_give_the_eager_loss_gradients_and_samples(fixture, requ
     got = HFEngine(compiled).generate(prompts, sampling)
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == compiled_graphs  # generation compiles nothing
     assert [[c.token_ids for c in group] for group in got] == [[c.token_ids for c in group] for group in expected]
+    # option log-likelihoods continue each prompt's KV cache: eager too, and as the uncompiled model scores them
+    from transformers import AutoTokenizer
+
+    from m1_align.evaluation.benchmarks import option_logliks
+
+    tok = AutoTokenizer.from_pretrained(str(model_dir))
+    rows = [{"prompt": [{"role": "user", "content": "Which organ pumps blood?"}], "options": ["heart", "liver", "lung"]},
+            {"prompt": [{"role": "user", "content": "Insulin lowers?"}], "options": ["glucose", "sodium", "urea"]}]
+    expected = option_logliks(eager, tok, rows)
+    got = option_logliks(compiled, tok, rows)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == compiled_graphs
+    assert sum(got, []) == pytest.approx(sum(expected, []), abs=1e-5)

@@ -460,4 +460,6 @@ def test_the_prepared_gpu_check_runs(tmp_path):
     text = out.read_text()
     assert "1. Training step" in text and "2. Forward+backward at varying lengths" in text and "4. HF generate" in text
     assert "3. The step of 1 with the decoder layers compiled" in text and "failed" not in text
+    assert "5. Prefill-style forward" in text and "Largest logit difference" in text
+    assert "| flex - chunked | 0.00e+00 | 0.00e+00 | 0.00e+00 | 0.00e+00 |" in text  # on a CPU: the same path twice
     assert text.count("window-chunked SDPA") >= 3 and "causal SDPA" in text

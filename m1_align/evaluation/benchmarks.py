@@ -154,32 +154,33 @@ def option_logliks(model, tokenizer, rows: list[dict[str, Any]], batch_size: int
     # questions with as many options share a batch; longest prompts first (little padding)
     order = sorted(range(len(rows)), key=lambda i: (len(options[i]), -len(contexts[i])))
     progress = tqdm(total=len(rows), desc="option log-likelihood", leave=False, disable=len(rows) <= batch_size)
-    for _, same_n in itertools.groupby(order, key=lambda i: len(options[i])):
-        same_n = list(same_n)
-        for start in range(0, len(same_n), batch_size):
-            batch = same_n[start : start + batch_size]
-            progress.update(len(batch))
-            n = len(options[batch[0]])
-            width = max(len(contexts[i]) for i in batch)
-            ids = torch.tensor([[pad] * (width - len(contexts[i])) + contexts[i] for i in batch], device=device)
-            mask = torch.tensor([[0] * (width - len(contexts[i])) + [1] * len(contexts[i]) for i in batch], device=device)
-            prompt = model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp_min(0),
-                           use_cache=True, logits_to_keep=1)
-            first = prompt.logits[:, -1].float().log_softmax(-1).repeat_interleave(n, 0)  # [B*n, V]: the first option token
-            cache = prompt.past_key_values
-            cache.batch_repeat_interleave(n)
-            opts = [o for i in batch for o in options[i]]
-            length = max(len(o) for o in opts)
-            opt_ids = torch.tensor([o + [pad] * (length - len(o)) for o in opts], device=device)
-            opt_mask = torch.tensor([[1] * len(o) + [0] * (length - len(o)) for o in opts], device=device)
-            full_mask = torch.cat([mask.repeat_interleave(n, 0), opt_mask], dim=1)
-            positions = mask.sum(1).repeat_interleave(n, 0)[:, None] + torch.arange(length, device=device)
-            logits = model(input_ids=opt_ids, attention_mask=full_mask, position_ids=positions, past_key_values=cache,
-                           use_cache=True).logits.float()  # [B*n, L, V]: column j predicts option token j+1
-            rest = logits[:, :-1].log_softmax(-1).gather(-1, opt_ids[:, 1:, None])[..., 0] * opt_mask[:, 1:]
-            totals = first.gather(-1, opt_ids[:, :1])[:, 0] + rest.sum(1)
-            for k, i in enumerate(batch):
-                out[i] = totals[k * n : (k + 1) * n].tolist()
+    with eager_generation():  # prompt and options run against a KV cache: as generation does, eagerly
+        for _, same_n in itertools.groupby(order, key=lambda i: len(options[i])):
+            same_n = list(same_n)
+            for start in range(0, len(same_n), batch_size):
+                batch = same_n[start : start + batch_size]
+                progress.update(len(batch))
+                n = len(options[batch[0]])
+                width = max(len(contexts[i]) for i in batch)
+                ids = torch.tensor([[pad] * (width - len(contexts[i])) + contexts[i] for i in batch], device=device)
+                mask = torch.tensor([[0] * (width - len(contexts[i])) + [1] * len(contexts[i]) for i in batch], device=device)
+                prompt = model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp_min(0),
+                               use_cache=True, logits_to_keep=1)
+                first = prompt.logits[:, -1].float().log_softmax(-1).repeat_interleave(n, 0)  # [B*n, V]: the first option token
+                cache = prompt.past_key_values
+                cache.batch_repeat_interleave(n)
+                opts = [o for i in batch for o in options[i]]
+                length = max(len(o) for o in opts)
+                opt_ids = torch.tensor([o + [pad] * (length - len(o)) for o in opts], device=device)
+                opt_mask = torch.tensor([[1] * len(o) + [0] * (length - len(o)) for o in opts], device=device)
+                full_mask = torch.cat([mask.repeat_interleave(n, 0), opt_mask], dim=1)
+                positions = mask.sum(1).repeat_interleave(n, 0)[:, None] + torch.arange(length, device=device)
+                logits = model(input_ids=opt_ids, attention_mask=full_mask, position_ids=positions, past_key_values=cache,
+                               use_cache=True).logits.float()  # [B*n, L, V]: column j predicts option token j+1
+                rest = logits[:, :-1].log_softmax(-1).gather(-1, opt_ids[:, 1:, None])[..., 0] * opt_mask[:, 1:]
+                totals = first.gather(-1, opt_ids[:, :1])[:, 0] + rest.sum(1)
+                for k, i in enumerate(batch):
+                    out[i] = totals[k * n : (k + 1) * n].tolist()
     progress.close()
     model.train(was_training)
     return out

@@ -197,6 +197,7 @@ def _compiled_flex_attention():
 
 
 @functools.lru_cache(maxsize=32)
+@torch.compiler.disable  # built once per length, eagerly, also when called from a compiled layer
 def _sliding_block_mask(length: int, window: int, device: str):
     from torch.nn.attention.flex_attention import create_block_mask
 
@@ -206,11 +207,23 @@ def _sliding_block_mask(length: int, window: int, device: str):
     return create_block_mask(sliding_causal, B=None, H=None, Q_LEN=length, KV_LEN=length, device=device)
 
 
+# A graph break of its own inside a compiled layer (model.compile): traced with the layer's dynamic shapes, the
+# block mask fails in inductor (CantSplit, H200, torch 2.11), so the layer's graph stops here and FlexAttention
+# runs under its own static-shape compile. recursive=False keeps that compile.
+@torch.compiler.disable(recursive=False)
 def flex_sliding_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int) -> torch.Tensor:
     """CUDA: block-sparse sliding-window attention (FlexAttention skips the blocks outside the window,
     so the cost is O(T*W) and it stays a fused kernel). q: (B, H, T, D), k/v: (B, Hkv, T, D)."""
     block_mask = _sliding_block_mask(q.shape[2], window, str(q.device))
     return _compiled_flex_attention()(q, k, v, block_mask=block_mask, enable_gqa=q.shape[1] != k.shape[1])
+
+
+def compile_is_forced_off() -> bool:
+    """Inside `torch.compiler.set_stance("force_eager")` (generation, m1_align.training.eager_generation) every
+    torch.compile runs eagerly, FlexAttention's too, and eager FlexAttention materialises the full score matrix.
+    Reads torch's private stance (no public getter); a torch without it counts as not forced."""
+    stance = getattr(getattr(torch._dynamo, "eval_frame", None), "_stance", None)
+    return getattr(stance, "stance", "default") == "force_eager"
 
 
 class PackedSegments(list):
@@ -231,7 +244,7 @@ def attend(q, k, v, mask: torch.Tensor | PackedSegments | None, window: int | No
     if q.shape[2] == 1:
         return F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
     if window is not None and q.shape[2] > window:
-        if q.is_cuda and q.shape[2] % 128 == 0:  # FlexAttention's block size
+        if q.is_cuda and q.shape[2] % 128 == 0 and not compile_is_forced_off():  # 128: FlexAttention's block
             return flex_sliding_attention(q, k, v, window)
         return window_chunked_attention(q, k, v, window)
     return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
