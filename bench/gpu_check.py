@@ -6,9 +6,9 @@
    GPU) at Baichuan-M1-14B's head layout scaled down: global layers with fewer, wider heads than the sliding
    ones (14B: 20 x 256 against 40 x 128; here 8 x 256 against 16 x 128), as a fraction of the bf16 matmul
    ceiling measured in the same run (6 x params FLOPs per token);
-2. the FlexAttention path of the sliding layers at varying sequence lengths: it is compiled with static shapes,
-   so every new length pays a compile (the first call against the next ones); lengths that are not a multiple
-   of 128 take the window-chunked SDPA path instead;
+2. the FlexAttention path of the sliding layers at varying sequence lengths: the first length compiles a static
+   kernel and the second a dynamic one, which should serve every later length without a compile (the first
+   call against the next one); lengths that are not a multiple of 128 take the window-chunked SDPA path instead;
 3. the step of 1 again with the decoder layers compiled (model.compile=true: compile_layers), the compile's
    cost and the step time; a failure is reported in the table rather than stopping the script;
 4. HF generate on the same model (greedy, every sample to the same length), tokens/s;
@@ -156,7 +156,7 @@ def main() -> None:
 
     def varying_lengths():
         rows = ["", "2. Forward+backward at varying lengths (batch 1): the first call at a new length against the next "
-                "one; a gap is a compile (FlexAttention on the sliding layers, static shapes)", "",
+                "one; a gap is a compile (FlexAttention on the sliding layers: static, then dynamic shapes)", "",
                 "| length | sliding layers' attention | first call s | second call s |", "|---|---|---|---|"]
         for n in lengths:
             x = torch.randint(0, sizes["vocab_size"], (1, n), device=device)

@@ -222,7 +222,13 @@ def compile_layers(model: torch.nn.Module) -> None:
     decoder layers), with dynamic shapes: one compile serves all of them at every sequence length, the
     parameters' names do not change (checkpoints and weight sync read them) and module hooks (DeepSpeed's,
     PEFT's) still run. What compiling buys is fused elementwise work (norms, activations, rotary embeddings,
-    residual adds) between the matmuls. Generation is left eager (`eager_generation`)."""
+    residual adds) between the matmuls. Generation is left eager (`eager_generation`).
+
+    Forwards stop building a KV cache they do not read (config.use_cache; generate keeps its own setting): a
+    transformers Llama called without use_cache=False (TDPO, reward models) makes one per forward, and the
+    compiled layer guards on each layer's cache slot: 8 recompiles, then the remaining layers ran eager."""
+    if getattr(model, "config", None) is not None:
+        model.config.use_cache = False
     for module in list(model.modules()):
         if isinstance(module, torch.nn.ModuleList) and len(module) > 1 and len({type(m) for m in module}) == 1:
             for block in module:

@@ -186,11 +186,13 @@ def test_compiled_layers_give_the_eager_loss_gradients_and_samples(fixture, requ
 
     model_dir = request.getfixturevalue(fixture)
     eager = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
+    eager.config.use_cache = False  # as compile_layers sets it; a cache also hides packing from transformers' masks
     compiled = load_model(ModelConfig(path=str(model_dir), dtype="float32", compile=True))
     layers = compiled.model.layers
     assert all(layer._compiled_call_impl is not None for layer in layers) and len(layers) == compiled.config.num_hidden_layers
     assert [name for name, _ in compiled.named_parameters()] == [name for name, _ in eager.named_parameters()]
     torch.manual_seed(0)
+    graphs_before = torch._dynamo.utils.counters["stats"]["unique_graphs"]
     for width in (40, 33, 47):
         ids = torch.randint(3, compiled.config.vocab_size, (2, width))
         positions = torch.cat([torch.arange(width - 15), torch.arange(15)]).expand(2, width)  # two samples a row
@@ -203,6 +205,8 @@ def test_compiled_layers_give_the_eager_loss_gradients_and_samples(fixture, requ
             grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
         torch.testing.assert_close(losses[1], losses[0], rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(grads[1], grads[0], rtol=1e-4, atol=1e-5)
+    # one dynamic graph serves every layer and width (a KV cache built per forward made one per layer)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] - graphs_before <= 2
     sampling = SamplingSettings(n=2, temperature=1.0, max_new_tokens=8, seed=3)
     prompts = [[5, 6, 7, 8], [9, 10]]
     expected = HFEngine(eager).generate(prompts, sampling)

@@ -191,9 +191,11 @@ def window_chunked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
 
 @functools.cache
 def _compiled_flex_attention():
+    """torch's default dynamic=None: the first length gets a static kernel, the second a dynamic one that then
+    serves every length (2 compiles of about 5 s each on an H200 where static shapes paid one per length)."""
     from torch.nn.attention.flex_attention import flex_attention
 
-    return torch.compile(flex_attention, dynamic=False)
+    return torch.compile(flex_attention)
 
 
 @functools.lru_cache(maxsize=32)
@@ -209,7 +211,7 @@ def _sliding_block_mask(length: int, window: int, device: str):
 
 # A graph break of its own inside a compiled layer (model.compile): traced with the layer's dynamic shapes, the
 # block mask fails in inductor (CantSplit, H200, torch 2.11), so the layer's graph stops here and FlexAttention
-# runs under its own static-shape compile. recursive=False keeps that compile.
+# runs under its own compile. recursive=False keeps that compile.
 @torch.compiler.disable(recursive=False)
 def flex_sliding_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int) -> torch.Tensor:
     """CUDA: block-sparse sliding-window attention (FlexAttention skips the blocks outside the window,
