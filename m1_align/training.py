@@ -225,7 +225,7 @@ def compile_layers(model: torch.nn.Module) -> None:
     residual adds) between the matmuls. Generation is left eager (`eager_generation`).
 
     Forwards stop building a KV cache they do not read (config.use_cache; generate keeps its own setting): a
-    transformers Llama called without use_cache=False (TDPO, reward models) makes one per forward, and the
+    transformers Llama called without use_cache=False (the reward models) makes one per forward, and the
     compiled layer guards on each layer's cache slot: 8 recompiles, then the remaining layers ran eager."""
     if getattr(model, "config", None) is not None:
         model.config.use_cache = False

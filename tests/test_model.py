@@ -198,6 +198,19 @@ def test_window_chunked_attention_equals_masked_attention(length):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=0)
 
 
+def test_generation_sees_compile_forced_off():
+    """Under eager_generation every torch.compile runs eagerly, FlexAttention's too (an eager FlexAttention
+    materialises the scores), so the sliding layers must see it and take the chunked path: this reads a private
+    torch attribute, and fails if a torch release moves it."""
+    from m1_align.model.modeling import compile_is_forced_off
+    from m1_align.training import eager_generation
+
+    assert not compile_is_forced_off()
+    with eager_generation():
+        assert compile_is_forced_off()
+    assert not compile_is_forced_off()
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="FlexAttention is the CUDA path; on CPU its backward is unsupported")
 def test_flex_sliding_attention_equals_masked_attention_on_cuda():
     from m1_align.model.modeling import flex_sliding_attention
