@@ -238,7 +238,8 @@ def compile_layers(model: torch.nn.Module) -> None:
 def eager_generation():
     """Run compiled blocks eagerly while generating: prefill and one-token decode steps against a cache would
     each need graphs of their own, which cost 17 s more compile on the real model and sampled no faster
-    (docs/BENCHMARKS.md)."""
+    (docs/BENCHMARKS.md). Use it only as `with eager_generation():`: set_stance takes effect when it is
+    called, so as a decorator it would switch compilation off for the whole process."""
     return torch.compiler.set_stance("force_eager")
 
 
