@@ -26,7 +26,8 @@ def main() -> None:
 
     import m1_align.model  # noqa: F401  registers baichuan_m1
     from m1_align.data.build import read_split_rows
-    from m1_align.evaluation.benchmarks import greedy_generate, prompt_ids
+    from m1_align.data.chat import prompt_ids
+    from m1_align.rollout.hf_engine import greedy_generate
 
     model = AutoModelForCausalLM.from_pretrained(args.model)
     tokenizer = AutoTokenizer.from_pretrained(args.model)

@@ -30,13 +30,16 @@ def main() -> None:
     from m1_align.evaluation import benchmarks
 
     data = build_from_config(DataConfig(cache_dir=args.data_cache, max_per_task=1500, eval_per_task=100))
-    rows = benchmarks.take_balanced(read_split_rows(data, "mmlu_medical"), "subject", args.questions)
+    from m1_align.data.chat import prompt_ids
+    from m1_align.data.sampling import take_balanced
+
+    rows = take_balanced(read_split_rows(data, "mmlu_medical"), "subject", args.questions)
     tok = AutoTokenizer.from_pretrained(args.model)
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).eval()
     prefix = tok(benchmarks.LOGLIK_PREFIX, add_special_tokens=False)["input_ids"]
 
     def each_option_in_full():
-        sequences = [(benchmarks.prompt_ids(tok, r["prompt"]) + prefix, tok(" " + o, add_special_tokens=False)["input_ids"])
+        sequences = [(prompt_ids(tok, r["prompt"]) + prefix, tok(" " + o, add_special_tokens=False)["input_ids"])
                      for r in rows for o in r["options"]]
         flat = iter(benchmarks.continuation_logprobs(model, sequences, tok.pad_token_id, args.batch_size * 4))
         return [[next(flat) for _ in r["options"]] for r in rows]

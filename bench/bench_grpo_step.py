@@ -57,7 +57,7 @@ import json, sys, time
 from datasets import Dataset
 from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
 from trl import GRPOConfig, GRPOTrainer
-from m1_align.reward_models.rules import score
+from m1_align.data.rules import score
 model_dir, out, steps, prompts, samples, new_tokens, prompts_file, dtype = sys.argv[1:9]
 rows = [json.loads(line) for line in open(prompts_file)]
 data = Dataset.from_list([{"prompt": r["prompt"], "answer": r["answer"], "rule": r["rule"]} for r in rows])

@@ -29,7 +29,7 @@ def variant(args) -> dict:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from m1_align.rl.common import causal_lm_logprobs
+    from m1_align.logprobs import causal_lm_logprobs
     from m1_align.training import compile_layers, keep_freed_memory
 
     keep_freed_memory()  # as `m1-align` does at start

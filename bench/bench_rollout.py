@@ -42,7 +42,7 @@ def prompts_for(args) -> list[list[int]]:
 
         from transformers import AutoTokenizer
 
-        from m1_align.evaluation.benchmarks import prompt_ids
+        from m1_align.data.chat import prompt_ids
 
         rows = [json.loads(line) for line in open(args.prompts_file, encoding="utf-8")]
         random.Random(1).shuffle(rows)  # a mix of the tasks, the same for both engines
@@ -54,7 +54,8 @@ def prompts_for(args) -> list[list[int]]:
 
 
 def run_engine(args) -> dict:
-    from m1_align.rl.rollout import SamplingSettings, make_engine
+    from m1_align.rollout.engine import SamplingSettings
+    from m1_align.rollout.factory import make_engine
 
     started = time.perf_counter()
     if args.engine == "vllm":

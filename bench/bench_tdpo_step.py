@@ -49,7 +49,7 @@ if variant.startswith("ours"):
     trainer = build_trainer(cfg, Path(cfg.output_dir), MetricsLogger(Path(cfg.output_dir), run_name="bench"))[0]
 else:
     from trl import DPOConfig, DPOTrainer
-    from m1_align.data.stage_data import preference_datasets
+    from m1_align.stage_data import preference_datasets
     from m1_align.training import load_model, load_tokenizer, resolve_model_dir, training_arguments
     model_dir = resolve_model_dir(model)
     train, _ = preference_datasets(cfg)

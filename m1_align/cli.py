@@ -4,28 +4,15 @@ from __future__ import annotations
 
 import argparse
 import errno
-import importlib
 import os
 import shutil
 import sys
 from pathlib import Path
 
 from m1_align.config import ConfigError, dump_config, load_config, load_data_config
+from m1_align.stages import STAGES
 
-# Subcommand -> (runner "module:function", one-line help). A runner of None is a stage that is
-# not built yet: the CLI says so and exits non-zero instead of pretending.
-STAGES: dict[str, tuple[str | None, str]] = {
-    "pretrain": ("m1_align.sft.pretrain:run", "train the tokenizer and a tiny hybrid base model on the medical corpus"),
-    "sft": ("m1_align.sft.trainer:run", "supervised fine-tuning on conversations (loss on assistant tokens)"),
-    "elo": ("m1_align.rl.elo:run", "exploratory log-likelihood optimisation over sampled reasoning paths (issue #9)"),
-    "tdpo": ("m1_align.preference.trainer:run", "token-level DPO (TDPO1/TDPO2) or plain DPO on preference pairs"),
-    "ppo": ("m1_align.rl.ppo:run", "PPO with rule rewards and the medical reward model, vLLM rollouts (issue #10)"),
-    "grpo": ("m1_align.rl.ppo:run_grpo", "critic-free RL (GRPO, RLOO, REINFORCE++, DAPO options), same rewards and engine"),
-    "rm": ("m1_align.reward_models.trainer:run", "train a Bradley-Terry reward model on preference pairs (issue #7)"),
-    "rm-eval": ("m1_align.reward_models.cli_eval:run", "evaluate a reward model: accuracy, calibration, length bias"),
-    "eval": ("m1_align.evaluation.run:run", "held-out medical evaluation of a model, stage output or run dir"),
-    "pipeline": ("m1_align.pipeline:run", "pretrain -> SFT -> ELO -> TDPO -> RM -> PPO / GRPO, evaluated after every stage"),
-}
+PIPELINE_HELP = "pretrain -> SFT -> ELO -> TDPO -> RM -> PPO / GRPO, evaluated after every stage"
 
 
 # Raised for bad input (paths, data files, finished outputs, missing data packages), not for bugs.
@@ -101,7 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Post-training for medical language models (Baichuan-M1 recipe): SFT, ELO, TDPO, PPO.",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for name, (_, help_text) in STAGES.items():
+    commands = {**{name: stage.help for name, stage in STAGES.items()}, "pipeline": PIPELINE_HELP}
+    for name, help_text in commands.items():
         stage = sub.add_parser(name, help=help_text, description=help_text)
         if name == "eval":
             _add_eval_args(stage)
@@ -154,13 +142,12 @@ def _run_stage(stage: str, args: argparse.Namespace) -> int:
     if args.print_config:
         print(dump_config(config), end="")
         return 0
-    target = STAGES[stage][0]
-    if target is None:
-        print(f"m1-align {stage}: this stage is not built yet ({STAGES[stage][1]}); nothing was run.", file=sys.stderr)
-        return 2
-    module_name, func = target.split(":")
-    runner = getattr(importlib.import_module(module_name), func)
-    result = runner(config, only=args.only, start=args.from_stage) if stage == "pipeline" else runner(config)
+    if stage == "pipeline":
+        from m1_align.pipeline import run as run_pipeline
+
+        result = run_pipeline(config, only=args.only, start=args.from_stage)
+    else:
+        result = STAGES[stage].run(config)
     if os.environ.get("RANK", "0") == "0":  # one summary, not one per process
         print(result.summary())
     return 0

@@ -7,22 +7,16 @@ At the end run_dir/report.md gathers every stage's metrics, curves and timings.
 
 from __future__ import annotations
 
-import importlib
 import time
 from pathlib import Path
 
-from m1_align.cli import STAGES
 from m1_align.config import ConfigError, PipelineConfig, StageConfig, dump_config
 from m1_align.evaluation.run import POLICY_STAGES
 from m1_align.runs import StageResult, atomic_write_text
+from m1_align.stages import STAGES
 
 ORDER = ("pretrain", "sft", "elo", "tdpo", "rm", "ppo", "grpo")
 RL_STAGES = ("ppo", "grpo")  # each starts from the last policy before RL, not from the other
-
-
-def _runner(stage: str):
-    module_name, func = STAGES[stage][0].split(":")
-    return getattr(importlib.import_module(module_name), func)
 
 
 def stage_configs(cfg: PipelineConfig) -> dict[str, StageConfig]:
@@ -97,7 +91,7 @@ def run(cfg: PipelineConfig, only: str | None = None, start: str | None = None) 
         if name in forced:
             stage = stage.model_copy(update={"overwrite": True})
         print(f"[{i}/{len(names)}] {name}: running -> {stage.output_dir} (pipeline time so far {time.time() - begin:.0f}s)")
-        result = _runner(name)(stage)
+        result = STAGES[name].run(stage)
         timings[name] = result.seconds
         print(result.summary())
         _evaluate(cfg, name, stage)

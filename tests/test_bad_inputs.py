@@ -236,18 +236,18 @@ def test_a_trainer_checkpoint_counts_only_when_complete(tmp_path, capsys):
 def test_an_online_checkpoint_without_its_optimizer_state_is_refused(tmp_path):
     import torch
 
-    from m1_align.rl.common import CHECKPOINT_DIR, load_checkpoint, save_checkpoint
+    from m1_align.rl.checkpoint import CHECKPOINT_DIR, load_loop_state, save_loop_state
     from m1_align.runs import IncompleteCheckpointError
 
     model = torch.nn.Linear(2, 2)
     optimizer = torch.optim.AdamW(model.parameters())
     model(torch.ones(1, 2)).sum().backward()
     optimizer.step()
-    save_checkpoint(tmp_path, 3, {}, {"policy": optimizer}, {"schedulers": {}})
-    assert load_checkpoint(tmp_path)["step"] == 3
+    save_loop_state(tmp_path, 3, {}, {"policy": optimizer}, {"schedulers": {}})
+    assert load_loop_state(tmp_path)["step"] == 3
     (tmp_path / CHECKPOINT_DIR / "optimizers.pt").unlink()
     with pytest.raises(IncompleteCheckpointError, match="is missing optimizers.pt"):
-        load_checkpoint(tmp_path)
+        load_loop_state(tmp_path)
 
 
 def test_whole_run_train_loss_weighs_the_steps_before_the_resume():

@@ -8,7 +8,7 @@ import yaml
 
 from m1_align.cli import STAGES, main
 
-SUBCOMMANDS = [*STAGES, "data"]
+SUBCOMMANDS = [*STAGES, "pipeline", "data"]
 
 
 def run_cli(*args):

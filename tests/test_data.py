@@ -435,7 +435,7 @@ def test_build_from_config_uses_cache_dir(tmp_path):
 
 def test_data_tasks_filters_training_splits_but_not_evaluation(tmp_path):
     from m1_align.config import load_config
-    from m1_align.data.stage_data import eval_rows, rl_rows
+    from m1_align.stage_data import eval_rows, rl_rows
 
     common = [f"data.cache_dir={tmp_path}", "data.max_per_task=5", "data.eval_per_task=5"]
     every = load_config("ppo", None, common)

@@ -13,6 +13,8 @@ from m1_align.cli import main
 from m1_align.config import load_config
 from m1_align.data import build_datasets, corpus_texts, train_tokenizer
 from m1_align.data.build import build_dir_name, read_split_rows
+from m1_align.data.chat import prompt_ids
+from m1_align.data.sampling import take_balanced
 from m1_align.evaluation import benchmarks
 from m1_align.evaluation.report import write_run_report
 from m1_align.evaluation.run import resolve_target, run
@@ -60,9 +62,9 @@ def env(tmp_path_factory):
 
 def test_take_balanced_covers_every_group():
     rows = [{"s": "a"}] * 5 + [{"s": "b"}] * 5 + [{"s": "c"}]
-    kept = benchmarks.take_balanced(rows, "s", 4)
+    kept = take_balanced(rows, "s", 4)
     assert [r["s"] for r in kept] == ["a", "b", "c", "a"]
-    assert benchmarks.take_balanced(rows, "s", None) == rows
+    assert take_balanced(rows, "s", None) == rows
 
 
 def test_continuation_logprobs_match_hand_computation(env):
@@ -90,7 +92,7 @@ def test_gold_answer_logprob_scores_the_answer_line_after_the_models_reasoning(e
     got = benchmarks.gold_answer_logprobs(model, tok, [row], [completion])
 
     # by hand: the reasoning before the delimiter stays, the model's own answer line is replaced by the gold one
-    context = benchmarks.prompt_ids(tok, row["prompt"]) + tok.encode("Typhoid is coded under A01.", add_special_tokens=False)
+    context = prompt_ids(tok, row["prompt"]) + tok.encode("Typhoid is coded under A01.", add_special_tokens=False)
     answer = tok.encode(benchmarks.ANSWER_DELIMITER + " A01.1", add_special_tokens=False) + [tok.eos_token_id]
     with torch.no_grad():
         logp = model(input_ids=torch.tensor([context + answer])).logits[0].log_softmax(-1)
@@ -110,7 +112,7 @@ def test_loglik_scoring_picks_the_option_the_model_was_taught(env):
     (before,) = benchmarks.option_logliks(model, tok, [row])
     # Teach the model the third option after "Answer:" (the scoring context).
     context = (
-        benchmarks.prompt_ids(tok, row["prompt"])
+        prompt_ids(tok, row["prompt"])
         + tok(benchmarks.LOGLIK_PREFIX, add_special_tokens=False)["input_ids"]
     )
     target = tok(" " + row["options"][2], add_special_tokens=False)["input_ids"]
@@ -265,7 +267,7 @@ def test_prompt_once_option_scores_equal_scoring_each_option_in_full(env, tiny_l
     got = benchmarks.option_logliks(model, tok, rows, batch_size=3)
     prefix = tok(benchmarks.LOGLIK_PREFIX, add_special_tokens=False)["input_ids"]
     for row, scores in zip(rows, got, strict=True):
-        context = benchmarks.prompt_ids(tok, row["prompt"]) + prefix
+        context = prompt_ids(tok, row["prompt"]) + prefix
         plain = benchmarks.continuation_logprobs(
             model, [(context, tok(" " + o, add_special_tokens=False)["input_ids"]) for o in row["options"]], tok.pad_token_id, 1)
         assert scores == pytest.approx(plain, abs=2e-4)

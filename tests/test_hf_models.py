@@ -87,7 +87,8 @@ def test_real_smollm2_imports_trains_a_lora_step_and_samples_through_vllm(tmp_pa
 
     from m1_align.config import LoraConfig
     from m1_align.model.gguf_import import import_gguf
-    from m1_align.rl.rollout import SamplingSettings, make_engine
+    from m1_align.rollout.engine import SamplingSettings
+    from m1_align.rollout.factory import make_engine
     from m1_align.training import peft_config
 
     report = import_gguf("smollm2", tmp_path / "smollm2")
@@ -163,7 +164,7 @@ def test_log_probs_refuse_a_model_whose_forward_rescales_the_logits():
     (or Cohere's logit_scale) happens after it in forward, so using such a model must stop with a clear error."""
     from transformers import Gemma2Config, Gemma2ForCausalLM, LlamaConfig, LlamaForCausalLM
 
-    from m1_align.rl.common import output_head
+    from m1_align.logprobs import output_head
 
     small = dict(vocab_size=32, hidden_size=8, intermediate_size=16, num_hidden_layers=1, num_attention_heads=1,
                  num_key_value_heads=1, head_dim=8)
@@ -181,7 +182,8 @@ def test_compiled_layers_give_the_eager_loss_gradients_and_samples(fixture, requ
     from transformers import AutoModelForCausalLM
 
     from m1_align.config import ModelConfig
-    from m1_align.rl.rollout import HFEngine, SamplingSettings
+    from m1_align.rollout.engine import SamplingSettings
+    from m1_align.rollout.hf_engine import HFEngine
     from m1_align.training import load_model
 
     model_dir = request.getfixturevalue(fixture)

@@ -9,7 +9,8 @@ from conftest import stage_overrides
 
 from m1_align.config import SCHEMAS, ConfigError, validate
 from m1_align.preference.on_policy import right_wrong_pairs, sample_pairs
-from m1_align.rl.rollout import Completion, SamplingSettings, make_engine
+from m1_align.rollout.engine import Completion, SamplingSettings
+from m1_align.rollout.factory import make_engine
 
 
 def sample(text: str, finish: str = "stop") -> Completion:

@@ -52,7 +52,7 @@ def early_sft_model_dir(data_cache, tiny_model_dir, task_files, tmp_path_factory
 def test_sft_raises_answer_accuracy_above_base(task_files, tiny_model_dir, sft_model_dir):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from m1_align.evaluation.benchmarks import answer_accuracy
+    from m1_align.rewards.verifiable import answer_accuracy
 
     rows = [json.loads(line) for line in task_files[2].read_text().splitlines()]
     base = answer_accuracy(AutoModelForCausalLM.from_pretrained(str(tiny_model_dir)),

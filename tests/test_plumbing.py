@@ -178,7 +178,7 @@ def test_tdpo_logged_rewards_include_the_sequential_kl():
 def test_reward_model_sees_the_end_of_a_long_response(tokenizer_dir):
     from transformers import AutoTokenizer
 
-    from m1_align.reward_models.evaluate import score_conversations
+    from m1_align.rewards.reward_model import score_conversations
 
     class LastToken(torch.nn.Module):
         """Scores a conversation by the id of its last real token."""
@@ -210,7 +210,7 @@ def test_chunked_head_equals_the_full_logits(model_kind, pack, tiny_model_dir, t
     from transformers import AutoModelForCausalLM
 
     import m1_align.model  # noqa: F401
-    from m1_align.rl.common import causal_lm_logprobs, pack_rows
+    from m1_align.logprobs import causal_lm_logprobs, pack_rows
     from m1_align.rl.ppo import positions
 
     torch.manual_seed(0)

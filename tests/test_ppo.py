@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from m1_align.config import RewardSection
-from m1_align.reward_models.router import RewardRouter
+from m1_align.rewards.router import RewardRouter
 from m1_align.rl.algorithms import gae, kl_penalty, ppo_losses, whiten
 from m1_align.rl.ppo import AdaptiveKLController
 

@@ -11,17 +11,11 @@ import pytest
 import torch
 from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 
-from m1_align.rl.rollout import (
-    Completion,
-    HFEngine,
-    SamplingSettings,
-    StaleWeightsError,
-    VLLMEngine,
-    make_engine,
-    merged_state_dict,
-    model_logprobs,
-    vllm_available,
-)
+from m1_align.rollout.engine import Completion, SamplingSettings, StaleWeightsError
+from m1_align.rollout.factory import make_engine, vllm_available
+from m1_align.rollout.hf_engine import HFEngine
+from m1_align.rollout.vllm_engine import VLLMEngine
+from m1_align.rollout.weights import merged_state_dict, model_logprobs
 
 EOS = 2
 
@@ -221,7 +215,8 @@ def test_prompt_seeds_make_a_prompts_samples_independent_of_the_batch(engine, re
 def test_probe_check_takes_the_max_in_fp32_and_the_mean_in_16_bit():
     """A 16-bit engine rounds single tokens by up to ~0.25 on a real model: one such token passes there,
     not in fp32; a shift on every token (other weights) fails both."""
-    from m1_align.rl.rollout import StaleWeightsError, check_probe, default_atol
+    from m1_align.rollout.engine import StaleWeightsError
+    from m1_align.rollout.weights import check_probe, default_atol
 
     model_lp = torch.full((64,), -2.0)
     one_token_off, all_off = model_lp.clone(), model_lp + 0.5

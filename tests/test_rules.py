@@ -2,7 +2,7 @@
 
 import pytest
 
-from m1_align.reward_models.rules import final_answer, score
+from m1_align.data.rules import final_answer, score
 
 
 @pytest.mark.parametrize(

@@ -142,7 +142,7 @@ def test_models_that_rescale_their_logits_are_told_apart():
     """Softcapping or a logit multiplier: the SFT trainer keeps TRL's head, and log-prob paths refuse them."""
     from transformers import Gemma2Config, LlamaConfig
 
-    from m1_align.rl.common import rescales_logits
+    from m1_align.logprobs import rescales_logits
 
     assert not rescales_logits(LlamaConfig())
     assert rescales_logits(LlamaConfig(logit_scale=0.5))

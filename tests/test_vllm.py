@@ -14,13 +14,10 @@ import torch
 pytest.importorskip("vllm")
 
 from m1_align.model import BaichuanM1ForCausalLM, preset_config  # noqa: E402
-from m1_align.rl.rollout import (  # noqa: E402
-    HFEngine,
-    SamplingSettings,
-    StaleWeightsError,
-    VLLMEngine,
-    model_logprobs,
-)
+from m1_align.rollout.engine import SamplingSettings, StaleWeightsError  # noqa: E402
+from m1_align.rollout.hf_engine import HFEngine  # noqa: E402
+from m1_align.rollout.vllm_engine import VLLMEngine  # noqa: E402
+from m1_align.rollout.weights import model_logprobs  # noqa: E402
 
 CHUNK = 32  # max_num_batched_tokens
 

@@ -121,3 +121,9 @@ def _encode_by_prefixes(tokenizer: Any, messages: list[Mapping[str, str]]) -> di
     full_ids = tokenizer(apply_chat_template(tokenizer, messages), add_special_tokens=False)["input_ids"]
     mask += [0] * (len(full_ids) - len(mask))
     return {"input_ids": full_ids, "assistant_mask": mask[: len(full_ids)]}
+
+
+def prompt_ids(tokenizer, messages: Sequence[Mapping[str, Any]]) -> list[int]:
+    """The chat prompt with the generation prompt (the tokenizer's template, else Baichuan-M1's)."""
+    text = apply_chat_template(tokenizer, messages, add_generation_prompt=True)
+    return tokenizer(text, add_special_tokens=False)["input_ids"]

@@ -195,7 +195,7 @@ def normalise_row(
         out["prompt"] = _messages(row["prompt"], "prompt", fail)
         out["answer"] = _text(row["answer"], "answer", fail)
         if row.get("rule") is not None:
-            from m1_align.reward_models.rules import RULES
+            from m1_align.data.rules import RULES
 
             if row["rule"] not in RULES:
                 raise fail(f"unknown rule {row['rule']!r} (known: {', '.join(RULES)})")

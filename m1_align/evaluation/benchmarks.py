@@ -14,17 +14,17 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections import defaultdict
 from collections.abc import Callable
 from typing import Any
 
 import torch
 from tqdm.auto import tqdm
 
-from m1_align.data.chat import apply_chat_template
+from m1_align.data.chat import prompt_ids
+from m1_align.data.rules import score
 from m1_align.data.tasks import ANSWER_DELIMITER, LETTERS
-from m1_align.reward_models.evaluate import score_conversations
-from m1_align.reward_models.rules import score
+from m1_align.rewards.reward_model import score_conversations
+from m1_align.rewards.verifiable import mean_or_nan, metric_key
 from m1_align.training import eager_generation
 
 Messages = list[dict[str, str]]
@@ -34,69 +34,6 @@ Metrics = dict[str, float | int]
 # The built data's answers end with "Answer: <answer>", so an option is scored where the model
 # states its answer, right after this prefix (its reasoning is skipped).
 LOGLIK_PREFIX = "Answer:"
-
-
-def prompt_ids(tokenizer, messages: Messages) -> list[int]:
-    """The chat prompt with the generation prompt (the tokenizer's template, else Baichuan-M1's)."""
-    text = apply_chat_template(tokenizer, messages, add_generation_prompt=True)
-    return tokenizer(text, add_special_tokens=False)["input_ids"]
-
-
-@torch.no_grad()
-def greedy_generate(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, batch_size: int = 16) -> list[str]:
-    """Batched greedy decoding with left padding; returns the decoded completions."""
-    device = next(model.parameters()).device
-    pad = tokenizer.pad_token_id
-    outputs: list[str] = []
-    was_training = model.training
-    model.eval()
-    for start in tqdm(range(0, len(prompts), batch_size), desc="generate", leave=False, disable=len(prompts) <= batch_size):
-        batch = prompts[start : start + batch_size]
-        width = max(len(p) for p in batch)
-        input_ids = torch.tensor([[pad] * (width - len(p)) + p for p in batch], device=device)
-        attention_mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in batch], device=device)
-        with eager_generation():
-            generated = model.generate(
-                input_ids=input_ids,
-                attention_mask=attention_mask,
-                max_new_tokens=max_new_tokens,
-                do_sample=False,
-                pad_token_id=pad,
-                eos_token_id=tokenizer.eos_token_id,
-            )
-        for row in generated[:, width:]:
-            outputs.append(tokenizer.decode(row, skip_special_tokens=True))
-    model.train(was_training)
-    return outputs
-
-
-def hf_generator(model, tokenizer, max_new_tokens: int, batch_size: int) -> Generate:
-    def generate(prompts: list[Messages]) -> list[str]:
-        ids = [prompt_ids(tokenizer, p) for p in prompts]
-        return greedy_generate(model, tokenizer, ids, max_new_tokens, batch_size)
-
-    return generate
-
-
-def take_balanced(rows: list[dict[str, Any]], key: str, limit: int | None) -> list[dict[str, Any]]:
-    """At most `limit` rows, taken round-robin over the groups of `key` so every group shows up."""
-    if limit is None or len(rows) <= limit:
-        return rows
-    groups: dict[Any, list] = defaultdict(list)
-    for row in rows:
-        groups[row.get(key)].append(row)
-    interleaved = (
-        row for batch in itertools.zip_longest(*groups.values()) for row in batch if row is not None
-    )
-    return list(itertools.islice(interleaved, limit))
-
-
-def _mean(values: list[float]) -> float:
-    return sum(values) / len(values) if values else float("nan")
-
-
-def _key(name: str) -> str:
-    return str(name).replace(" ", "_")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -214,48 +151,19 @@ def mmlu_medical(
         )
     metrics: Metrics = {"mmlu_medical/n": len(samples), "mmlu_medical/n_generation": len(generated)}
     groups = [("", samples)] + [
-        (f"{_key(s)}/", [x for x in samples if x["subject"] == s])
+        (f"{metric_key(s)}/", [x for x in samples if x["subject"] == s])
         for s in sorted({x["subject"] for x in samples})
     ]
     for prefix, group in groups:
-        metrics[f"mmlu_medical/{prefix}accuracy_generation"] = _mean([x["generation_correct"] for x in group
+        metrics[f"mmlu_medical/{prefix}accuracy_generation"] = mean_or_nan([x["generation_correct"] for x in group
                                                                        if x["generation_correct"] is not None])
-        metrics[f"mmlu_medical/{prefix}accuracy_loglik"] = _mean([x["loglik_correct"] for x in group])
+        metrics[f"mmlu_medical/{prefix}accuracy_loglik"] = mean_or_nan([x["loglik_correct"] for x in group])
     return metrics, samples
 
 
 # ---------------------------------------------------------------------------------------------
 # Verifiable held-out sets
 # ---------------------------------------------------------------------------------------------
-
-
-def verifiable_sets(rows: list[dict[str, Any]], generate: Generate) -> tuple[Metrics, list[dict]]:
-    """Rule-checked accuracy per task (and over all questions); rows carry prompt/answer/rule/task."""
-    completions = generate([row["prompt"] for row in rows])
-    samples = []
-    for row, completion in zip(rows, completions, strict=True):
-        result = score(row["rule"], completion, row["answer"])
-        samples.append(
-            {
-                "benchmark": "verifiable",
-                "task": row["task"],
-                "item": row.get("item"),
-                "answer": row["answer"],
-                "completion": completion,
-                "parsed": result.parsed,
-                "correct": result.score,
-                "reason": result.reason,
-            }
-        )
-    metrics: Metrics = {
-        "verifiable/n": len(samples),
-        "verifiable/accuracy": _mean([x["correct"] for x in samples]),
-    }
-    for task in sorted({x["task"] for x in samples}):
-        metrics[f"verifiable/{_key(task)}/accuracy"] = _mean(
-            [x["correct"] for x in samples if x["task"] == task]
-        )
-    return metrics, samples
 
 
 def gold_answer_logprobs(model, tokenizer, rows: list[dict[str, Any]], completions: list[str], batch_size: int = 32) -> Metrics:
@@ -269,15 +177,10 @@ def gold_answer_logprobs(model, tokenizer, rows: list[dict[str, Any]], completio
         answer = tokenizer.encode(f"{ANSWER_DELIMITER} {row['answer']}", add_special_tokens=False) + [tokenizer.eos_token_id]
         sequences.append((context, answer))
     logps = continuation_logprobs(model, sequences, tokenizer.pad_token_id, batch_size)
-    metrics: Metrics = {"verifiable/gold_answer_logp": _mean(logps)}
+    metrics: Metrics = {"verifiable/gold_answer_logp": mean_or_nan(logps)}
     for task in sorted({row["task"] for row in rows}):
-        metrics[f"verifiable/{_key(task)}/gold_answer_logp"] = _mean([lp for row, lp in zip(rows, logps, strict=True) if row["task"] == task])
+        metrics[f"verifiable/{metric_key(task)}/gold_answer_logp"] = mean_or_nan([lp for row, lp in zip(rows, logps, strict=True) if row["task"] == task])
     return metrics
-
-
-def answer_accuracy(model, tokenizer, rows: list[dict[str, Any]], max_new_tokens: int = 96, batch_size: int = 32) -> Metrics:
-    """verifiable_sets with greedy HF generation: what a trainer stage reports at its end."""
-    return verifiable_sets(rows, hf_generator(model, tokenizer, max_new_tokens, batch_size))[0] if rows else {}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -305,14 +208,14 @@ def reward_model_scores(
 
     model_scores = rewards(completions)
     reference_scores = rewards([row["chosen"] for row in rows])
-    mean = _mean(model_scores)
+    mean = mean_or_nan(model_scores)
     metrics: Metrics = {
         "reward_model/n": len(rows),
         "reward_model/mean": mean,
-        "reward_model/std": math.sqrt(_mean([(s - mean) ** 2 for s in model_scores])),
-        "reward_model/mean_reference": _mean(reference_scores),
+        "reward_model/std": math.sqrt(mean_or_nan([(s - mean) ** 2 for s in model_scores])),
+        "reward_model/mean_reference": mean_or_nan(reference_scores),
         # how often the model's answer scores at least as high as the reference answer
-        "reward_model/win_rate_vs_reference": _mean(
+        "reward_model/win_rate_vs_reference": mean_or_nan(
             [float(m >= r) for m, r in zip(model_scores, reference_scores, strict=True)]
         ),
     }

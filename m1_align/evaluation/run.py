@@ -19,9 +19,12 @@ import torch
 
 from m1_align.config import ConfigError, EvalConfig, ModelConfig
 from m1_align.data.build import read_split_rows
-from m1_align.data.stage_data import built_dir, eval_rows
+from m1_align.data.chat import prompt_ids
+from m1_align.data.sampling import take_balanced
 from m1_align.evaluation import benchmarks
+from m1_align.rewards import verifiable
 from m1_align.runs import RESULT_FILE, StageResult, atomic_write_json, atomic_write_text, prepare_output_dir
+from m1_align.stage_data import built_dir, eval_rows
 from m1_align.training import FINAL_MODEL, ModelPathError, load_model, load_tokenizer, resolve_model_dir
 
 # Pipeline stages that produce a policy, in pipeline order (rm produces a reward model).
@@ -56,12 +59,13 @@ def default_output_dir(model_dir: Path, stage_dir: Path | None) -> Path:
 def make_generator(cfg: EvalConfig, model, tokenizer, model_dir: Path | None = None):
     """The one place generation is set up (greedy): vLLM where it is installed (rollout.engine auto or vllm)
     and a model folder is given, else HF generate. Returns (generate, close)."""
-    from m1_align.rl.rollout import SamplingSettings, engine_max_len, make_engine, vllm_available
+    from m1_align.rollout.engine import SamplingSettings
+    from m1_align.rollout.factory import engine_max_len, make_engine, vllm_available
 
     loadable = model_dir is not None and (Path(model_dir) / "config.json").is_file()  # not a bare LoRA adapter
     kind = cfg.rollout.engine if cfg.rollout.engine != "auto" else ("vllm" if loadable and vllm_available() else "hf")
     if kind == "hf":
-        return benchmarks.hf_generator(model, tokenizer, cfg.eval.max_new_tokens, cfg.eval.batch_size), lambda: None
+        return verifiable.hf_generator(model, tokenizer, cfg.eval.max_new_tokens, cfg.eval.batch_size), lambda: None
     if model_dir is None:
         raise ConfigError("rollout.engine=vllm needs a model folder to load")
     engine = make_engine("vllm", model_dir=str(model_dir), tokenizer=tokenizer, dtype=str(next(model.parameters()).dtype).removeprefix("torch."),
@@ -71,7 +75,7 @@ def make_generator(cfg: EvalConfig, model, tokenizer, model_dir: Path | None = N
     greedy = SamplingSettings(n=1, temperature=0.0, max_new_tokens=cfg.eval.max_new_tokens, stop_token_ids=[tokenizer.eos_token_id])
 
     def generate(prompts: list[benchmarks.Messages]) -> list[str]:
-        outputs = engine.generate([benchmarks.prompt_ids(tokenizer, p) for p in prompts], greedy)
+        outputs = engine.generate([prompt_ids(tokenizer, p) for p in prompts], greedy)
         return [o[0].text for o in outputs]
 
     return generate, engine.close
@@ -84,14 +88,14 @@ def _device() -> torch.device:
 def _mmlu_rows(cfg: EvalConfig) -> list[dict[str, Any]]:
     if not (cfg.eval.mmlu_medical and cfg.data.builtin):
         return []
-    return benchmarks.take_balanced(
+    return take_balanced(
         read_split_rows(built_dir(cfg), "mmlu_medical"), "subject", cfg.eval.mmlu_limit
     )
 
 
 def _open_rows(cfg: EvalConfig) -> list[dict[str, Any]]:
     rows = read_split_rows(built_dir(cfg), "eval_preference")
-    return benchmarks.take_balanced(rows, "task", cfg.eval.limit)
+    return take_balanced(rows, "task", cfg.eval.limit)
 
 
 def evaluate(cfg: EvalConfig, model, tokenizer, model_dir: Path | None = None) -> tuple[dict[str, Any], list[dict]]:
@@ -121,7 +125,7 @@ def _benchmarks(cfg: EvalConfig, model, tokenizer, generate) -> tuple[dict[str, 
         lap("mmlu_medical")
     verifiable = eval_rows(cfg, cfg.eval.limit, cfg.eval.split) if cfg.eval.verifiable_sets else []
     if verifiable:
-        found, rows = benchmarks.verifiable_sets(verifiable, generate)
+        found, rows = verifiable.verifiable_sets(verifiable, generate)
         metrics.update(found)
         lap("verifiable")
         metrics.update(benchmarks.gold_answer_logprobs(model, tokenizer, verifiable, [r["completion"] for r in rows], cfg.eval.batch_size))

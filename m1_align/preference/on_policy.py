@@ -24,11 +24,12 @@ from tqdm.auto import tqdm
 
 import m1_align.model  # noqa: F401  registers baichuan_m1 with AutoConfig
 from m1_align.config import ConfigError, TDPOConfig
-from m1_align.data.stage_data import rl_rows
-from m1_align.evaluation.benchmarks import prompt_ids
-from m1_align.reward_models.rules import score as rule_score
-from m1_align.rl.rollout import Completion, SamplingSettings, stage_engine
+from m1_align.data.chat import prompt_ids
+from m1_align.data.rules import score as rule_score
+from m1_align.rollout.engine import Completion, SamplingSettings
+from m1_align.rollout.factory import stage_engine
 from m1_align.runs import atomic_write_text
+from m1_align.stage_data import rl_rows
 
 logger = logging.getLogger(__name__)
 

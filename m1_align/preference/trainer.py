@@ -20,12 +20,12 @@ from trl.models.utils import disable_gradient_checkpointing
 from trl.trainer.utils import use_adapter
 
 from m1_align.config import TDPOConfig
-from m1_align.data.stage_data import eval_rows, preference_datasets
-from m1_align.evaluation.benchmarks import answer_accuracy
+from m1_align.logprobs import final_hidden_states, output_head
 from m1_align.preference.losses import preference_loss, response_window, token_terms
 from m1_align.preference.on_policy import on_policy_pairs
-from m1_align.rl.common import final_hidden_states, output_head
+from m1_align.rewards.verifiable import answer_accuracy
 from m1_align.runs import MetricsLogger, StageResult
+from m1_align.stage_data import eval_rows, preference_datasets
 from m1_align.training import (
     CheckpointMarker,
     MetricsCallback,

@@ -20,8 +20,8 @@ import torch
 
 from m1_align.config import ConfigError, RMEvalConfig
 from m1_align.data.build import build_from_config, read_split_rows
+from m1_align.data.sampling import take_balanced
 from m1_align.data.user_data import DataError, load_user_data
-from m1_align.evaluation.benchmarks import take_balanced
 from m1_align.reward_models.evaluate import evaluate_pairs, write_report
 from m1_align.runs import StageResult
 from m1_align.training import ModelPathError, load_model, load_tokenizer, resolve_model_dir

@@ -14,9 +14,9 @@ from transformers import set_seed
 from trl import RewardConfig, RewardTrainer
 
 from m1_align.config import ConfigError, RMConfig
-from m1_align.data.stage_data import preference_datasets
 from m1_align.reward_models.evaluate import evaluate_pairs
 from m1_align.runs import MetricsLogger, StageResult
+from m1_align.stage_data import preference_datasets
 from m1_align.training import (
     CheckpointMarker,
     MetricsCallback,

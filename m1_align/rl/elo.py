@@ -21,11 +21,11 @@ from dataclasses import dataclass
 import torch
 
 from m1_align.config import ELOConfig
-from m1_align.data.stage_data import eval_rows, rl_rows
-from m1_align.evaluation.benchmarks import prompt_ids
+from m1_align.data.chat import prompt_ids
+from m1_align.logprobs import causal_lm_logprobs, right_pad, span_mask
 from m1_align.rl.algorithms import agg_loss, group_baseline, kl_penalty, policy_loss
-from m1_align.rl.common import causal_lm_logprobs, right_pad, span_mask
 from m1_align.rl.loop import OnlineLoop
+from m1_align.stage_data import eval_rows, rl_rows
 
 # ---------------------------------------------------------------------------------------------
 # The loss

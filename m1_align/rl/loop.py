@@ -30,15 +30,12 @@ from tqdm.auto import tqdm
 from transformers import get_scheduler
 
 from m1_align.config import ConfigError, StageConfig
-from m1_align.evaluation.benchmarks import prompt_ids, verifiable_sets
-from m1_align.rl.common import (
-    CHECKPOINT_DIR,
-    load_checkpoint,
-    load_optimizers,
-    packing_agrees,
-    save_checkpoint,
-)
-from m1_align.rl.rollout import SamplingSettings, engine_kind, stage_engine
+from m1_align.data.chat import prompt_ids
+from m1_align.logprobs import packing_agrees
+from m1_align.rewards.verifiable import verifiable_sets
+from m1_align.rl.checkpoint import CHECKPOINT_DIR, load_loop_state, load_optimizers, save_loop_state
+from m1_align.rollout.engine import SamplingSettings
+from m1_align.rollout.factory import engine_kind, stage_engine
 from m1_align.runs import (
     DivergedError,
     MetricsLogger,
@@ -317,7 +314,7 @@ class OnlineLoop:
 
     # -- checkpoints -------------------------------------------------------------------------------
     def _resume(self, output_dir: Path) -> int:
-        state = load_checkpoint(output_dir, self.accelerator.process_index)
+        state = load_loop_state(output_dir, self.accelerator.process_index)
         if state is None:
             return 0
         written_with_deepspeed = (output_dir / CHECKPOINT_DIR / "policy" / "deepspeed").is_dir()
@@ -355,7 +352,7 @@ class OnlineLoop:
     def save_checkpoint(self, step: int) -> None:
         plain = {name: part for name, part in self.trainables.items() if part.engine is None}
         state = {"schedulers": {name: part.scheduler.state_dict() for name, part in self.trainables.items()}, **self.extra_state()}
-        save_checkpoint(
+        save_loop_state(
             self.output_dir, step,
             {name: self.accelerator.unwrap_model(part.model) for name, part in plain.items()},
             {name: part.optimizer for name, part in plain.items()},

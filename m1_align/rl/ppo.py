@@ -29,9 +29,9 @@ import torch
 from accelerate.utils import gather_object
 
 from m1_align.config import ConfigError, PPOConfig
-from m1_align.data.stage_data import eval_rows, rl_rows
-from m1_align.evaluation.benchmarks import prompt_ids
-from m1_align.reward_models.router import RewardRouter
+from m1_align.data.chat import prompt_ids
+from m1_align.logprobs import causal_lm_logprobs, pack_rows
+from m1_align.rewards.router import RewardRouter
 from m1_align.rl.algorithms import (
     CRITIC_ESTIMATORS,
     agg_loss,
@@ -49,10 +49,27 @@ from m1_align.rl.algorithms import (
     value_loss,
     whiten,
 )
-from m1_align.rl.common import TokenValues, causal_lm_logprobs, pack_rows
 from m1_align.rl.loop import OnlineLoop
-from m1_align.rl.rollout import Completion
+from m1_align.rollout.engine import Completion
+from m1_align.stage_data import eval_rows, rl_rows
 from m1_align.training import load_model, resolve_model_dir
+
+
+class TokenValues(torch.nn.Module):
+    """PPO's critic: a sequence-classification model's `score` head read at every token, V(s_t) = score(h_t).
+    A module of its own so DDP and DeepSpeed see the whole critic forward."""
+
+    def __init__(self, pretrained: torch.nn.Module):
+        super().__init__()
+        self.pretrained = pretrained
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+        hidden = self.pretrained.base_model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                                            use_cache=False).last_hidden_state
+        return self.pretrained.score(hidden).squeeze(-1).float()  # [B, T]
+
+    def save_pretrained(self, *args, **kwargs):
+        return self.pretrained.save_pretrained(*args, **kwargs)
 
 
 class AdaptiveKLController:

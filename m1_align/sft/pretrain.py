@@ -16,9 +16,9 @@ from trl import SFTConfig as TRLSFTConfig
 
 from m1_align.config import ConfigError, PretrainConfig
 from m1_align.data.build import corpus_texts
-from m1_align.data.stage_data import built_dir
 from m1_align.runs import MetricsLogger, StageResult
 from m1_align.sft.trainer import M1SFTTrainer
+from m1_align.stage_data import built_dir
 from m1_align.training import (
     CheckpointMarker,
     MetricsCallback,

@@ -22,10 +22,10 @@ from trl.trainer.utils import FusedCausalLMOutput
 
 from m1_align.config import SFTConfig
 from m1_align.data.chat import chat_template_for, encode_chat, has_generation_markers
-from m1_align.data.stage_data import eval_rows, sft_datasets
-from m1_align.evaluation.benchmarks import answer_accuracy
-from m1_align.rl.common import checkpointed_chunks, rescales_logits
+from m1_align.logprobs import checkpointed_chunks, rescales_logits
+from m1_align.rewards.verifiable import answer_accuracy
 from m1_align.runs import MetricsLogger, StageResult
+from m1_align.stage_data import eval_rows, sft_datasets
 from m1_align.training import (
     CheckpointMarker,
     MetricsCallback,

@@ -9,8 +9,8 @@ from dataclasses import dataclass
 import torch
 
 from m1_align.config import ConfigError, RewardSection
-from m1_align.reward_models.evaluate import score_conversations
-from m1_align.reward_models.rules import score as rule_score
+from m1_align.data.rules import score as rule_score
+from m1_align.rewards.reward_model import score_conversations
 
 
 @dataclass

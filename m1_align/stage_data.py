@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import random
-from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
 from datasets import Dataset
 
 from m1_align.config import StageConfig
+from m1_align.data.sampling import limit_per_task
 
 HELDOUT_SFT_FRACTION = 0.02  # of the SFT conversations, kept aside for the held-out loss
 
@@ -75,17 +75,6 @@ def preference_datasets(
     train = [_as_trl_preference(r, keep) for r in train]
     held = [_as_trl_preference(r, keep) for r in held] if held else None
     return Dataset.from_list(train), Dataset.from_list(held) if held else None
-
-
-def limit_per_task(rows: list[dict[str, Any]], limit: int | None, from_end: bool = False) -> list[dict[str, Any]]:
-    """At most `limit` rows per task, the first ones (or the last ones: from_end)."""
-    if limit is None:
-        return rows
-    kept: dict[str, list] = defaultdict(list)
-    for row in reversed(rows) if from_end else rows:
-        if len(kept[row.get("task", "")]) < limit:
-            kept[row.get("task", "")].append(row)
-    return [row for rows_ in kept.values() for row in (reversed(rows_) if from_end else rows_)]
 
 
 def eval_rows(cfg: StageConfig, limit: int | None = None, split: str = "test") -> list[dict[str, Any]]:
