@@ -161,7 +161,7 @@ def _run_data(args: argparse.Namespace) -> int:
     if args.print_config:
         print(dump_config(config), end="")
         return 0
-    from m1_align.data import build_from_config, show
+    from m1_align.data.build import build_from_config, show
 
     out_dir = build_from_config(config.data)
     if args.action == "show":

@@ -6,7 +6,6 @@ The CLI and the pipeline both read this table. Each runner imports its stage whe
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,71 +16,40 @@ from m1_align.runs import StageResult
 class Stage:
     name: str
     help: str
-    run: Callable[[Any], StageResult]
 
-
-def _pretrain(cfg):
-    from m1_align.sft.pretrain import run
-
-    return run(cfg)
-
-
-def _sft(cfg):
-    from m1_align.sft.trainer import run
-
-    return run(cfg)
-
-
-def _elo(cfg):
-    from m1_align.rl.elo import run
-
-    return run(cfg)
-
-
-def _tdpo(cfg):
-    from m1_align.preference.trainer import run
-
-    return run(cfg)
-
-
-def _rm(cfg):
-    from m1_align.reward_models.trainer import run
-
-    return run(cfg)
-
-
-def _ppo(cfg):
-    from m1_align.rl.ppo import run
-
-    return run(cfg)
-
-
-def _grpo(cfg):
-    from m1_align.rl.ppo import run_grpo
-
-    return run_grpo(cfg)
-
-
-def _rm_eval(cfg):
-    from m1_align.reward_models.cli_eval import run
-
-    return run(cfg)
-
-
-def _eval(cfg):
-    from m1_align.evaluation.run import run
-
-    return run(cfg)
+    def run(self, cfg: Any) -> StageResult:
+        """Import the stage's module (here, not at start-up) and run it on its validated config."""
+        if self.name == "pretrain":
+            from m1_align.sft.pretrain import run
+        elif self.name == "sft":
+            from m1_align.sft.trainer import run
+        elif self.name == "elo":
+            from m1_align.rl.elo import run
+        elif self.name == "tdpo":
+            from m1_align.preference.trainer import run
+        elif self.name == "rm":
+            from m1_align.reward_models.trainer import run
+        elif self.name == "ppo":
+            from m1_align.rl.ppo import run
+        elif self.name == "grpo":
+            from m1_align.rl.ppo import run_grpo as run
+        elif self.name == "rm-eval":
+            from m1_align.reward_models.cli_eval import run
+        elif self.name == "eval":
+            from m1_align.evaluation.run import run
+        else:
+            raise KeyError(f"unknown stage {self.name!r}; known: {', '.join(STAGES)}")
+        return run(cfg)
 
 
 STAGES: dict[str, Stage] = {stage.name: stage for stage in (
-    Stage("pretrain", "train the tokenizer and a tiny hybrid base model on the medical corpus", _pretrain),
-    Stage("sft", "supervised fine-tuning on conversations (loss on assistant tokens)", _sft),
-    Stage("elo", "exploratory log-likelihood optimisation over sampled reasoning paths", _elo),
-    Stage("tdpo", "token-level DPO (TDPO1/TDPO2) or plain DPO on preference pairs", _tdpo),
-    Stage("rm", "train a Bradley-Terry reward model on preference pairs", _rm),
-    Stage("ppo", "PPO with rule rewards and the medical reward model, vLLM rollouts", _ppo),
-    Stage("grpo", "critic-free RL (GRPO, Dr. GRPO, RLOO, REINFORCE++, DAPO options), same rewards and engine", _grpo),
-    Stage("rm-eval", "evaluate a reward model: accuracy, calibration, length bias", _rm_eval),
-    Stage("eval", "held-out medical evaluation of a model, stage output or run dir", _eval),
+    Stage("pretrain", "train the tokenizer and a tiny hybrid base model on the medical corpus"),
+    Stage("sft", "supervised fine-tuning on conversations (loss on assistant tokens)"),
+    Stage("elo", "exploratory log-likelihood optimisation over sampled reasoning paths"),
+    Stage("tdpo", "token-level DPO (TDPO1/TDPO2) or plain DPO on preference pairs"),
+    Stage("rm", "train a Bradley-Terry reward model on preference pairs"),
+    Stage("ppo", "PPO with rule rewards and the medical reward model, vLLM rollouts"),
+    Stage("grpo", "critic-free RL (GRPO, Dr. GRPO, RLOO, REINFORCE++, DAPO options), same rewards and engine"),
+    Stage("rm-eval", "evaluate a reward model: accuracy, calibration, length bias"),
+    Stage("eval", "held-out medical evaluation of a model, stage output or run dir"),
 )}

@@ -217,6 +217,15 @@ def load_model(cfg: ModelConfig, kind: str = "causal_lm", model_dir: Path | None
     return model
 
 
+def load_scalar_model(cfg: ModelConfig, model_dir: Path, tokenizer: Any = None):
+    """A sequence classifier with one output: a reward model, or the base of PPO's critic. Given the tokenizer,
+    its pad id goes into the config: the score head reads the last token that is not padding."""
+    model = load_model(cfg, kind="seq_cls", model_dir=model_dir, num_labels=1)
+    if tokenizer is not None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    return model
+
+
 def compile_layers(model: torch.nn.Module) -> None:
     """torch.compile, in place, every block of each run of identical blocks (a ModuleList of one class: the
     decoder layers), with dynamic shapes: one compile serves all of them at every sequence length, the
@@ -417,6 +426,37 @@ def save_final(trainer, tokenizer, cfg: StageConfig, output_dir: Path) -> Path:
     atomic_write_text(tmp / "m1_align_config.yaml", dump_config(cfg))
     atomic_replace_dir(tmp, final)
     return final
+
+
+def trainer_hooks(cfg: StageConfig, logger: MetricsLogger, task_type: str = "CAUSAL_LM") -> dict[str, Any]:
+    """The keyword arguments every stage's HF trainer takes alike: the LoRA config (or None), the metrics log
+    and the marker that makes a checkpoint resumable."""
+    lora = peft_config(cfg.model.lora, task_type) if cfg.model.lora.enabled else None
+    return {"peft_config": lora, "callbacks": [MetricsCallback(logger), CheckpointMarker()]}
+
+
+def source_model(cfg: StageConfig) -> tuple[Path, Any]:
+    """The folder of the model a stage starts from, and its tokenizer."""
+    model_dir = resolve_model_dir(cfg.model.path)
+    return model_dir, load_tokenizer(cfg.model, model_dir)
+
+
+def run_trainer_stage(cfg: StageConfig, stage: str, build, evaluate) -> StageResult:
+    """The steps every trainer-based stage (SFT, TDPO, RM) takes, in order: check its inputs and prepare the
+    output folder; `build(cfg, output_dir, logger) -> (trainer, tokenizer, metrics)`; train, resuming from the
+    last checkpoint; save the final model; `evaluate(trainer, tokenizer, final_dir) -> metrics`; write eval.json
+    and result.json. What a stage keeps for itself lives in its `build` and `evaluate`."""
+    start = time.time()
+    output_dir = start_output_dir(cfg)
+    logger = MetricsLogger(output_dir, run_name=stage)
+    trainer, tokenizer, metrics = build(cfg, output_dir, logger)
+    trainer.decay_ratio = cfg.train.decay_ratio  # read by WSDScheduleMixin
+    resume = last_checkpoint(output_dir) if cfg.train.resume else None
+    train_output = trainer.train(resume_from_checkpoint=resume)
+    final_dir = save_final(trainer, tokenizer, cfg, output_dir)
+    metrics.update({"train_loss": whole_run_train_loss(trainer, train_output, resume), "steps": trainer.state.global_step})
+    metrics.update(evaluate(trainer, tokenizer, final_dir))
+    return finish_stage(trainer, logger, stage, output_dir, metrics, start)
 
 
 def finish_stage(trainer, logger: MetricsLogger, stage: str, output_dir: Path, metrics: dict, start: float):

@@ -17,7 +17,7 @@ SMALL_DATA = {"max_per_task": 120, "eval_per_task": 20, "seed": 0}
 def data_cache(tmp_path_factory):
     """A DataConfig-style cache folder holding one small build; returns the cache dir."""
     from m1_align.config import DataConfig
-    from m1_align.data import build_from_config
+    from m1_align.data.build import build_from_config
 
     cache = tmp_path_factory.mktemp("data_cache")
     build_from_config(DataConfig(cache_dir=str(cache), **SMALL_DATA))
@@ -27,14 +27,15 @@ def data_cache(tmp_path_factory):
 @pytest.fixture(scope="session")
 def built_data(data_cache):
     from m1_align.config import DataConfig
-    from m1_align.data import build_from_config
+    from m1_align.data.build import build_from_config
 
     return build_from_config(DataConfig(cache_dir=str(data_cache), **SMALL_DATA))
 
 
 @pytest.fixture(scope="session")
 def tokenizer_dir(built_data, tmp_path_factory):
-    from m1_align.data import corpus_texts, train_tokenizer
+    from m1_align.data.build import corpus_texts
+    from m1_align.data.tokenizer import train_tokenizer
 
     out = tmp_path_factory.mktemp("tokenizer")
     train_tokenizer(corpus_texts(built_data, "train"), 1024, out)

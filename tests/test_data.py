@@ -7,31 +7,32 @@ from collections import Counter
 
 import pytest
 
-from m1_align.data import (
-    ANSWER_DELIMITER,
-    TASKS,
-    DataError,
+from m1_align.data import build as build_module
+from m1_align.data.build import (
+    SPLITS,
+    TRAIN_SPLITS,
     LeakError,
-    apply_chat_template,
     build_datasets,
     check_disjoint,
     corpus_texts,
-    encode_chat,
     load_split,
-    load_user_data,
+    read_split_rows,
+    show,
+)
+from m1_align.data.chat import apply_chat_template, encode_chat, render_baichuan
+from m1_align.data.sources import (
+    MissingSourceError,
+    package_dir,
     read_abbreviations,
     read_elixhauser,
     read_hpo_diseases,
     read_hpo_terms,
     read_icd10cm,
     read_mmlu_medical,
-    show,
-    train_tokenizer,
 )
-from m1_align.data import build as build_module
-from m1_align.data.build import SPLITS, TRAIN_SPLITS, read_split_rows
-from m1_align.data.chat import render_baichuan
-from m1_align.data.sources import MissingSourceError, package_dir
+from m1_align.data.tasks import ANSWER_DELIMITER, TASKS
+from m1_align.data.tokenizer import train_tokenizer
+from m1_align.data.user_data import DataError, load_user_data
 
 SMALL = {"max_per_task": 60, "eval_per_task": 25}
 
@@ -426,7 +427,7 @@ def test_assistant_mask_covers_exactly_assistant_tokens(tokenizer):
 def test_build_from_config_uses_cache_dir(tmp_path):
     from types import SimpleNamespace
 
-    from m1_align.data import build_from_config
+    from m1_align.data.build import build_from_config
 
     config = SimpleNamespace(cache_dir=str(tmp_path), seed=0, max_per_task=5, eval_per_task=5)
     out = build_from_config(config)

@@ -11,10 +11,10 @@ import torch
 
 from m1_align.cli import main
 from m1_align.config import load_config
-from m1_align.data import build_datasets, corpus_texts, train_tokenizer
-from m1_align.data.build import build_dir_name, read_split_rows
+from m1_align.data.build import build_datasets, build_dir_name, corpus_texts, read_split_rows
 from m1_align.data.chat import prompt_ids
 from m1_align.data.sampling import take_balanced
+from m1_align.data.tokenizer import train_tokenizer
 from m1_align.evaluation import benchmarks
 from m1_align.evaluation.report import write_run_report
 from m1_align.evaluation.run import resolve_target, run

@@ -10,7 +10,7 @@ import torch
 
 from m1_align.cli import main
 from m1_align.config import load_config
-from m1_align.data import train_tokenizer
+from m1_align.data.tokenizer import train_tokenizer
 from m1_align.reward_models.cli_eval import run
 from m1_align.reward_models.evaluate import pair_report
 

@@ -25,7 +25,14 @@ from m1_align.evaluation import benchmarks
 from m1_align.rewards import verifiable
 from m1_align.runs import RESULT_FILE, StageResult, atomic_write_json, atomic_write_text, prepare_output_dir
 from m1_align.stage_data import built_dir, eval_rows
-from m1_align.training import FINAL_MODEL, ModelPathError, load_model, load_tokenizer, resolve_model_dir
+from m1_align.training import (
+    FINAL_MODEL,
+    ModelPathError,
+    load_model,
+    load_scalar_model,
+    load_tokenizer,
+    resolve_model_dir,
+)
 
 # Pipeline stages that produce a policy, in pipeline order (rm produces a reward model).
 POLICY_STAGES = ("pretrain", "sft", "elo", "tdpo", "ppo", "grpo")
@@ -137,8 +144,7 @@ def _benchmarks(cfg: EvalConfig, model, tokenizer, generate) -> tuple[dict[str, 
         )
         rm_dir = resolve_model_dir(rm_config.path)
         rm_tokenizer = load_tokenizer(rm_config, rm_dir)
-        reward_model = load_model(rm_config, kind="seq_cls", model_dir=rm_dir).to(_device())
-        reward_model.config.pad_token_id = rm_tokenizer.pad_token_id
+        reward_model = load_scalar_model(rm_config, rm_dir, rm_tokenizer).to(_device())
         found, rows = benchmarks.reward_model_scores(
             _open_rows(cfg), generate, reward_model, rm_tokenizer, cfg.eval.max_length, cfg.eval.batch_size
         )

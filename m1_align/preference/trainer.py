@@ -9,7 +9,6 @@ Built on TRL 1.16.0's private `_compute_loss` hook: the version is pinned in pyp
 from __future__ import annotations
 
 import contextlib
-import time
 from pathlib import Path
 
 import torch
@@ -27,19 +26,13 @@ from m1_align.rewards.verifiable import answer_accuracy
 from m1_align.runs import MetricsLogger, StageResult
 from m1_align.stage_data import eval_rows, preference_datasets
 from m1_align.training import (
-    CheckpointMarker,
-    MetricsCallback,
     WSDScheduleMixin,
-    finish_stage,
-    last_checkpoint,
     load_model,
-    load_tokenizer,
-    peft_config,
     resolve_model_dir,
-    save_final,
-    start_output_dir,
+    run_trainer_stage,
+    source_model,
+    trainer_hooks,
     training_arguments,
-    whole_run_train_loss,
 )
 
 
@@ -93,8 +86,7 @@ class TDPOTrainer(WSDScheduleMixin, DPOTrainer):
 
 def build_trainer(cfg: TDPOConfig, output_dir: Path, logger: MetricsLogger):
     """The trainer, its tokenizer, and the on-policy pairs' counts ({} for the built pairs)."""
-    model_dir = resolve_model_dir(cfg.model.path)
-    tokenizer = load_tokenizer(cfg.model, model_dir)
+    model_dir, tokenizer = source_model(cfg)
     # first: the arguments set up the processes (and their timeout) that on-policy sampling shares out its work over
     args = DPOConfig(
         **training_arguments(cfg, output_dir),
@@ -115,41 +107,34 @@ def build_trainer(cfg: TDPOConfig, output_dir: Path, logger: MetricsLogger):
         ref_model = load_model(cfg.model.model_copy(update={"gradient_checkpointing": False}), model_dir=ref_dir)
         ref_model.requires_grad_(False).eval()
     trainer = TDPOTrainer(
-        model=policy,
-        ref_model=ref_model,
-        args=args,
-        train_dataset=train_dataset,
-        eval_dataset=eval_dataset,
-        processing_class=tokenizer,
-        peft_config=peft_config(cfg.model.lora) if cfg.model.lora.enabled else None,
-        callbacks=[MetricsCallback(logger), CheckpointMarker()],
-        tdpo_loss=cfg.tdpo.loss,
-        alpha=cfg.tdpo.alpha,
-        rpo_alpha=cfg.tdpo.rpo_alpha,
-        kl_chunk_size=cfg.tdpo.kl_chunk_size,
+        model=policy, ref_model=ref_model, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset,
+        processing_class=tokenizer, **trainer_hooks(cfg, logger),
+        tdpo_loss=cfg.tdpo.loss, alpha=cfg.tdpo.alpha, rpo_alpha=cfg.tdpo.rpo_alpha, kl_chunk_size=cfg.tdpo.kl_chunk_size,
     )
-    trainer.decay_ratio = cfg.train.decay_ratio
     return trainer, tokenizer, counts
 
 
-def run(cfg: TDPOConfig) -> StageResult:
-    start = time.time()
-    output_dir = start_output_dir(cfg)
-    logger = MetricsLogger(output_dir, run_name="tdpo")
+def build_and_measure(cfg: TDPOConfig, output_dir: Path, logger: MetricsLogger):
+    """build_trainer, and the held-out preference accuracy and rewards before training."""
     trainer, tokenizer, pair_counts = build_trainer(cfg, output_dir, logger)
     metrics = dict(pair_counts)
     if trainer.eval_dataset is not None:
         before = trainer.evaluate()
         metrics.update({"before/" + k.removeprefix("eval_"): v for k, v in before.items() if k.startswith(("eval_rewards", "eval_preference"))})
-    resume = last_checkpoint(output_dir) if cfg.train.resume else None
-    train_output = trainer.train(resume_from_checkpoint=resume)
-    save_final(trainer, tokenizer, cfg, output_dir)
+    return trainer, tokenizer, metrics
 
-    metrics.update({"train_loss": whole_run_train_loss(trainer, train_output, resume), "steps": trainer.state.global_step})
-    if trainer.eval_dataset is not None:
-        after = trainer.evaluate()
-        metrics.update({k.removeprefix("eval_"): v for k, v in after.items() if k.startswith(("eval_rewards", "eval_preference", "eval_seqkl", "eval_loss"))})
-    metrics.update(answer_accuracy(
-        trainer.model, tokenizer, eval_rows(cfg, cfg.train.eval_limit, split="dev"), max_new_tokens=cfg.train.eval_max_new_tokens
-    ))
-    return finish_stage(trainer, logger, "tdpo", output_dir, metrics, start)
+
+def evaluate(cfg: TDPOConfig):
+    def held_out(trainer, tokenizer, final_dir) -> dict:
+        metrics = {}
+        if trainer.eval_dataset is not None:
+            after = trainer.evaluate()
+            metrics.update({k.removeprefix("eval_"): v for k, v in after.items() if k.startswith(("eval_rewards", "eval_preference", "eval_seqkl", "eval_loss"))})
+        rows = eval_rows(cfg, cfg.train.eval_limit, split="dev")
+        return {**metrics, **answer_accuracy(trainer.model, tokenizer, rows, max_new_tokens=cfg.train.eval_max_new_tokens)}
+
+    return held_out
+
+
+def run(cfg: TDPOConfig) -> StageResult:
+    return run_trainer_stage(cfg, "tdpo", build_and_measure, evaluate(cfg))

@@ -24,7 +24,7 @@ from m1_align.data.sampling import take_balanced
 from m1_align.data.user_data import DataError, load_user_data
 from m1_align.reward_models.evaluate import evaluate_pairs, write_report
 from m1_align.runs import StageResult
-from m1_align.training import ModelPathError, load_model, load_tokenizer, resolve_model_dir
+from m1_align.training import ModelPathError, load_scalar_model, load_tokenizer, resolve_model_dir
 
 HEADLINE = ("pairs", "accuracy", "mean_margin", "ece", "longer_wins_rate", "longer_is_chosen_rate")
 
@@ -64,8 +64,7 @@ def run(cfg: RMEvalConfig) -> StageResult:
     )
 
     tokenizer = load_tokenizer(cfg.model, model_dir)
-    model = load_model(cfg.model, kind="seq_cls", model_dir=model_dir)
-    model.config.pad_token_id = tokenizer.pad_token_id  # the score head pools the last non-pad token
+    model = load_scalar_model(cfg.model, model_dir, tokenizer)
     model.to("cuda" if torch.cuda.is_available() else "cpu")
     report = evaluate_pairs(model, tokenizer, rows, cfg.max_length, cfg.batch_size)
     source = cfg.data.eval_file or "built eval_preference split"

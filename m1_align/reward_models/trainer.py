@@ -8,7 +8,7 @@ with `m1-align rm-eval`'s metrics.
 
 from __future__ import annotations
 
-import time
+from pathlib import Path
 
 from transformers import set_seed
 from trl import RewardConfig, RewardTrainer
@@ -18,19 +18,12 @@ from m1_align.reward_models.evaluate import evaluate_pairs
 from m1_align.runs import MetricsLogger, StageResult
 from m1_align.stage_data import preference_datasets
 from m1_align.training import (
-    CheckpointMarker,
-    MetricsCallback,
     WSDScheduleMixin,
-    finish_stage,
-    last_checkpoint,
-    load_model,
-    load_tokenizer,
-    peft_config,
-    resolve_model_dir,
-    save_final,
-    start_output_dir,
+    load_scalar_model,
+    run_trainer_stage,
+    source_model,
+    trainer_hooks,
     training_arguments,
-    whole_run_train_loss,
 )
 
 
@@ -46,16 +39,11 @@ def _with_margin(dataset, column: str | None):
     return dataset.rename_column(column, "margin") if column != "margin" else dataset
 
 
-def run(cfg: RMConfig) -> StageResult:
-    start = time.time()
-    output_dir = start_output_dir(cfg)
-    model_dir = resolve_model_dir(cfg.model.path)
-    tokenizer = load_tokenizer(cfg.model, model_dir)
+def build_trainer(cfg: RMConfig, output_dir: Path, logger: MetricsLogger):
+    model_dir, tokenizer = source_model(cfg)
     train, held = preference_datasets(cfg, keep=[cfg.rm.margin_column] if cfg.rm.margin_column else ())
     set_seed(cfg.seed)  # the scalar head is initialised at load time: same seed, same reward model
-    model = load_model(cfg.model, kind="seq_cls", model_dir=model_dir, num_labels=1)
-    model.config.pad_token_id = tokenizer.pad_token_id
-    logger = MetricsLogger(output_dir, run_name="rm")
+    model = load_scalar_model(cfg.model, model_dir, tokenizer)
     args = RewardConfig(
         **training_arguments(cfg, output_dir),
         max_length=cfg.train.max_length,
@@ -67,16 +55,22 @@ def run(cfg: RMConfig) -> StageResult:
         train_dataset=_with_margin(train, cfg.rm.margin_column),
         eval_dataset=_with_margin(held, cfg.rm.margin_column),
         processing_class=tokenizer,
-        peft_config=peft_config(cfg.model.lora, task_type="SEQ_CLS") if cfg.model.lora.enabled else None,
-        callbacks=[MetricsCallback(logger), CheckpointMarker()],
+        **trainer_hooks(cfg, logger, "SEQ_CLS"),
     )
-    trainer.decay_ratio = cfg.train.decay_ratio
-    resume = last_checkpoint(output_dir) if cfg.train.resume else None
-    train_output = trainer.train(resume_from_checkpoint=resume)
-    final_dir = save_final(trainer, tokenizer, cfg, output_dir)
+    trainer.held_out_pairs = held
+    return trainer, tokenizer, {}
 
-    metrics = {"train_loss": whole_run_train_loss(trainer, train_output, resume), "steps": trainer.state.global_step}
-    if held is not None:
-        report = evaluate_pairs(trainer.model, tokenizer, list(held), max_length=cfg.train.max_length)
-        metrics.update({k: v for k, v in report.items() if isinstance(v, float | int)})
-    return finish_stage(trainer, logger, "rm", output_dir, {**metrics, "model": str(final_dir)}, start)
+
+def evaluate(cfg: RMConfig):
+    def held_out(trainer, tokenizer, final_dir) -> dict:
+        metrics = {}
+        if trainer.held_out_pairs is not None:
+            report = evaluate_pairs(trainer.model, tokenizer, list(trainer.held_out_pairs), max_length=cfg.train.max_length)
+            metrics.update({k: v for k, v in report.items() if isinstance(v, float | int)})
+        return {**metrics, "model": str(final_dir)}
+
+    return held_out
+
+
+def run(cfg: RMConfig) -> StageResult:
+    return run_trainer_stage(cfg, "rm", build_trainer, evaluate(cfg))

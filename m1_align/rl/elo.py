@@ -168,15 +168,13 @@ class ELOLoop(OnlineLoop):
     def updates_per_step(self) -> int:
         return self.cfg.elo.epochs_per_batch
 
-    def step(self, step: int) -> dict[str, float]:
+    def collect(self, step: int) -> tuple[list[ReasoningPath], dict[str, float]]:
+        """K sampled reasoning paths per question, each cut at the answer delimiter and paired with the gold
+        answer's tokens; degenerate paths dropped (elo.drop_degenerate), and questions left with one path."""
         cfg, tok = self.cfg, self.tokenizer
         rows = self.shard(self.prompt_batch(step, cfg.elo.prompts_per_step))  # this rank's questions
         prompts = [prompt_ids(tok, r["prompt"]) for r in rows]
-
-        t0 = time.time()
         samples = self.engine.generate(prompts, self.sampling(n=cfg.elo.k, prompts=len(prompts)))
-        t1 = time.time()
-
         paths, dropped = [], {"truncated": 0, "empty": 0, "repeating": 0}
         for group, (row, prompt, completions) in enumerate(zip(rows, prompts, samples, strict=True)):
             answer = answer_tokens(tok, self.delimiter, row["answer"])
@@ -187,17 +185,19 @@ class ELOLoop(OnlineLoop):
                     dropped[why] += 1
                     continue
                 paths.append(ReasoningPath(group, prompt, reasoning if reasoning is not None else list(completion.token_ids), answer))
-        metrics: dict[str, float] = {f"dropped/{k}": v / (len(rows) * cfg.elo.k) for k, v in dropped.items()}
         # A question needs two paths for a baseline; drop lonely ones.
         counts = {g: sum(p.group == g for p in paths) for g in {p.group for p in paths}}
         paths = [p for p in paths if counts[p.group] >= 2]
-        if self.reduce_sum(torch.tensor(float(not paths))).item() > 0:  # every rank steps, or none does
-            return {**metrics, "time/sample": t1 - t0, "skipped": 1.0}
+        return paths, {f"dropped/{k}": v / (len(rows) * cfg.elo.k) for k, v in dropped.items()}
 
+    def update(self, paths: list[ReasoningPath]) -> dict[str, float]:
+        """elo.epochs_per_batch updates on the paths: eq. 3's policy gradient with the answer log-likelihood
+        as reward (fixed at the first epoch), plus lambda x the answer term, plus the KL loss."""
+        cfg = self.cfg
         groups = torch.tensor([p.group for p in paths])
-        batch = path_batch(paths, tok.pad_token_id, self.device)
+        batch = path_batch(paths, self.tokenizer.pad_token_id, self.device)
         temperature = cfg.rollout.temperature or 1.0  # greedy sampling has no distribution to score; use the model's
-        ref_logp = None
+        ref_logp, metrics = None, {}
         if cfg.elo.kl_coef > 0:
             with torch.no_grad(), self.reference_context():
                 ref_logp, _ = path_logprobs(self.reference_model, batch, temperature, False, self.pack)
@@ -216,26 +216,34 @@ class ELOLoop(OnlineLoop):
                 loss = loss + cfg.elo.kl_coef * kl
                 metrics["kl"] = kl.item()
             self.optimizer_step({"policy": loss})
+        return {
+            **metrics,
+            "loss": loss.item(),
+            "reward/mean": rewards.mean().item(),
+            "reward/std": rewards.std().item() if len(rewards) > 1 else 0.0,
+            "advantage/abs_mean": advantages.abs().mean().item(),
+            "clip_fraction": stats["clip_fraction"].item(),
+        }
+
+    def step(self, step: int) -> dict[str, float]:
+        t0 = time.time()
+        paths, metrics = self.collect(step)
+        t1 = time.time()
+        if self.reduce_sum(torch.tensor(float(not paths))).item() > 0:  # every rank steps, or none does
+            return {**metrics, "time/sample": t1 - t0, "skipped": 1.0}
+        metrics.update(self.update(paths))
         t2 = time.time()
         sync_diff = self.sync_engine(paths[0].prompt + paths[0].reasoning)
         t3 = time.time()
-
-        metrics.update(
-            {
-                "loss": loss.item(),
-                "reward/mean": rewards.mean().item(),
-                "reward/std": rewards.std().item() if len(rewards) > 1 else 0.0,
-                "advantage/abs_mean": advantages.abs().mean().item(),
-                "clip_fraction": stats["clip_fraction"].item(),
-                "reasoning_length": sum(len(p.reasoning) for p in paths) / len(paths),
-                "paths": float(len(paths)),
-                "time/sample": t1 - t0,
-                "time/score_and_train": t2 - t1,
-                "time/sync": t3 - t2,
-                "sync/logprob_diff": sync_diff,
-            }
-        )
-        return metrics
+        return {
+            **metrics,
+            "reasoning_length": sum(len(p.reasoning) for p in paths) / len(paths),
+            "paths": float(len(paths)),
+            "time/sample": t1 - t0,
+            "time/score_and_train": t2 - t1,
+            "time/sync": t3 - t2,
+            "sync/logprob_diff": sync_diff,
+        }
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:

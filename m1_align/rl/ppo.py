@@ -52,7 +52,7 @@ from m1_align.rl.algorithms import (
 from m1_align.rl.loop import OnlineLoop
 from m1_align.rollout.engine import Completion
 from m1_align.stage_data import eval_rows, rl_rows
-from m1_align.training import load_model, resolve_model_dir
+from m1_align.training import load_scalar_model, resolve_model_dir
 
 
 class TokenValues(torch.nn.Module):
@@ -124,6 +124,41 @@ class Sample:
     source: str
 
 
+@dataclass
+class RolloutBatch:
+    """One step's samples as tensors. N responses; prompts left-padded to P columns and responses right-padded
+    to R, so every response starts in column `start` = P. Per-token tensors are [N, R] over the responses."""
+
+    ids: torch.Tensor  # [N, P + R]
+    mask: torch.Tensor  # [N, P + R], 1 on real prompt and response tokens
+    start: int
+    engine_logp: torch.Tensor  # [N, R] the engine's log-probs of the sampled tokens (temperature 1)
+    response_mask: torch.Tensor  # [N, R]
+    scores: torch.Tensor  # [N] reward of each response, penalties included
+    groups: torch.Tensor  # [N] the prompt each response answers
+    truncated: torch.Tensor  # [N] no stop token before max_new_tokens
+    on_policy: bool  # old log-probs come from the update's own forward
+    old_logp: torch.Tensor | None = None  # [N, R] log pi_old,T of the sampled tokens
+    old_raw: torch.Tensor | None = None  # [N, R] the same at temperature 1, to hold against the engine's
+    ref_logp: torch.Tensor | None = None  # [N, R] log pi_ref,T; None when no reference model is kept
+    old_values: torch.Tensor | None = None  # [N, R] V(s_t), with a critic
+    kl: torch.Tensor | None = None  # [N, R] per-token KL(pi_old || pi_ref) estimate
+    mismatch: torch.Tensor | None = None  # [N, R] |trainer - engine| log-prob at temperature 1
+    tis_weights: torch.Tensor | None = None  # [N, R] truncated importance weights, when ppo.tis_cap is set
+    advantages: torch.Tensor | None = None  # [N, R]
+    returns: torch.Tensor | None = None  # [N, R], with a critic
+    loss_mask: torch.Tensor | None = None  # [N, R] the tokens the losses read
+
+    def set_old_logprobs(self, old_logp: torch.Tensor, old_raw: torch.Tensor, p) -> None:
+        """Old log-probs and what derives from them: the KL to the reference (no reference model kept: zero),
+        the engine mismatch and its importance weights."""
+        self.old_logp, self.old_raw = old_logp, old_raw
+        ref_logp = self.ref_logp if self.ref_logp is not None else old_logp
+        self.kl = kl_penalty(old_logp, ref_logp, p.kl_estimator) * self.response_mask
+        self.mismatch = (old_raw - self.engine_logp).abs() * self.response_mask
+        self.tis_weights = tis_weights(old_raw, self.engine_logp, p.tis_cap) if p.tis_cap else None
+
+
 class PPOLoop(OnlineLoop):
     stage = "ppo"
     cfg: PPOConfig
@@ -142,8 +177,8 @@ class PPOLoop(OnlineLoop):
         self.kl_ctl = AdaptiveKLController(p.kl_coef, p.adaptive_kl_target)
         reward_model = None
         if cfg.reward.model:
-            reward_model = load_model(cfg.model.model_copy(update={"gradient_checkpointing": False}), kind="seq_cls",
-                                      model_dir=resolve_model_dir(cfg.reward.model), num_labels=1)
+            reward_model = load_scalar_model(cfg.model.model_copy(update={"gradient_checkpointing": False}),
+                                             resolve_model_dir(cfg.reward.model))
             reward_model.requires_grad_(False).eval().to(self.device)
         self.router = RewardRouter(cfg.reward, reward_model, self.tokenizer, cfg.train.max_length)
         self.prompts_per_rank = self.per_rank(p.prompts_per_step, "ppo.prompts_per_step")
@@ -156,8 +191,8 @@ class PPOLoop(OnlineLoop):
         source = cfg.reward.model if cfg.ppo.critic_from == "reward_model" else cfg.model.path
         if source is None:
             raise ConfigError("ppo.critic_from=reward_model needs reward.model to be set")
-        critic = load_model(cfg.model.model_copy(update={"lora": cfg.model.lora.model_copy(update={"enabled": False})}),
-                            kind="seq_cls", model_dir=resolve_model_dir(source), num_labels=1)
+        critic = load_scalar_model(cfg.model.model_copy(update={"lora": cfg.model.lora.model_copy(update={"enabled": False})}),
+                                   resolve_model_dir(source))
         if cfg.ppo.critic_from == "policy":
             torch.nn.init.zeros_(critic.score.weight)  # start from V = 0 rather than a random head
         self.add_trainable("critic", TokenValues(critic), cfg.ppo.critic_learning_rate)
@@ -222,10 +257,13 @@ class PPOLoop(OnlineLoop):
                    "dynamic/kept_fraction": size / (len(rows) * n)}
         return kept[:size], metrics
 
-    def batch(self, samples: list[Sample]):
-        """ids [N, P+R] (prompts left-padded, responses right-padded), mask, response start column, and the
-        engine's log-probs [N, R]."""
-        tok = self.tokenizer
+    def collect(self, samples: list[Sample]) -> RolloutBatch:
+        """The samples as tensors, with everything the update reads that does not change during it: old and
+        reference log-probs, values, the KL to the reference. Prompts left-padded, responses right-padded.
+
+        On-policy (one update per step, the whole batch in one minibatch, no KL in the reward) the old
+        log-probs are those of the update's own forward (detached), so no separate pass is run here."""
+        p, tok, temperature = self.cfg.ppo, self.tokenizer, self.cfg.rollout.temperature or 1.0
         width_p = max(len(s.prompt) for s in samples)
         width_r = max(max(len(s.completion.token_ids) for s in samples), 1)
         ids = torch.full((len(samples), width_p + width_r), tok.pad_token_id, dtype=torch.long)
@@ -236,150 +274,154 @@ class PPOLoop(OnlineLoop):
             ids[i, width_p : width_p + len(c.token_ids)] = torch.tensor(c.token_ids, dtype=torch.long)
             mask[i, width_p - len(prompt) : width_p + len(c.token_ids)] = 1
             engine_logp[i, : len(c.logprobs)] = torch.tensor(c.logprobs)
-        return ids.to(self.device), mask.to(self.device), width_p, engine_logp.to(self.device)
+        ids, mask, start = ids.to(self.device), mask.to(self.device), width_p
+        response_mask = mask[:, start:].float()
+        batch = RolloutBatch(
+            ids=ids, mask=mask, start=start, engine_logp=engine_logp.to(self.device), response_mask=response_mask,
+            scores=torch.tensor([s.score for s in samples], device=self.device),
+            groups=torch.arange(len(samples), device=self.device) // p.samples_per_prompt,
+            truncated=torch.tensor([s.completion.finish_reason != "stop" for s in samples], device=self.device),
+            on_policy=p.ppo_epochs == 1 and len(samples) <= self.minibatch_size and p.kl_coef == 0,
+        )
+        with torch.no_grad():
+            if not batch.on_policy:
+                batch.old_logp, _, batch.old_raw = response_logprobs(self.policy, ids, mask, start, temperature,
+                                                                     with_raw=True, pack=self.pack)
+            if self.needs_reference:
+                with self.reference_context():
+                    batch.ref_logp, _, _ = response_logprobs(self.reference_model, ids, mask, start, temperature,
+                                                             pack=self.pack)
+            if self.has_critic:
+                critic = self.trainables["critic"].model
+                batch.old_values = response_values(critic, ids, mask, start) * response_mask
+            if not batch.on_policy:
+                batch.set_old_logprobs(batch.old_logp, batch.old_raw, p)
+        return batch
 
-    def advantages(self, scores, groups, token_rewards, old_values, response_mask):
-        """(advantages, returns) by the configured estimator; returns is None without a critic."""
+    def advantages(self, batch: RolloutBatch) -> None:
+        """batch.advantages and batch.returns (None without a critic) by the configured estimator; the token
+        rewards carry -kl_coef * KL_t, and the score on the last token."""
         p = self.cfg.ppo
+        kl = batch.kl if batch.kl is not None else torch.zeros_like(batch.response_mask)  # on-policy: kl_coef is 0
+        token_rewards = token_level_rewards(batch.scores, kl, batch.response_mask, self.kl_ctl.coef)
+        mask, returns = batch.response_mask, None
         if p.advantage_estimator == "gae":
-            advantages, returns = gae(token_rewards, old_values, response_mask, p.gamma, p.lam)
+            advantages, returns = gae(token_rewards, batch.old_values, mask, p.gamma, p.lam)
             if p.whiten_advantages:
-                advantages = whiten(advantages, response_mask, reduce_sum=self.reduce_sum)
-            return advantages, returns
-        if p.advantage_estimator == "grpo":
-            return grpo_advantages(scores, groups, response_mask, p.grpo_std_normalize), None
-        if p.advantage_estimator == "rloo":
-            return rloo_advantages(scores, groups, response_mask), None
-        return reinforce_pp_advantages(token_rewards, response_mask, p.gamma, reduce_sum=self.reduce_sum), None
+                advantages = whiten(advantages, mask, reduce_sum=self.reduce_sum)
+        elif p.advantage_estimator == "grpo":
+            advantages = grpo_advantages(batch.scores, batch.groups, mask, p.grpo_std_normalize)
+        elif p.advantage_estimator == "rloo":
+            advantages = rloo_advantages(batch.scores, batch.groups, mask)
+        else:
+            advantages = reinforce_pp_advantages(token_rewards, mask, p.gamma, reduce_sum=self.reduce_sum)
+        batch.advantages, batch.returns = advantages, returns
+        # DAPO's overlong filtering: truncated responses teach nothing about how to end
+        batch.loss_mask = mask * (~batch.truncated[:, None]).float() if p.mask_truncated else mask
+
+    def minibatch_losses(self, batch: RolloutBatch, rows: torch.Tensor) -> tuple[dict, dict]:
+        """Every loss term of one minibatch, in one place: the clipped policy loss, the entropy bonus, the KL
+        loss to the reference and the clipped value loss; and their statistics."""
+        p, max_length = self.cfg.ppo, self.cfg.rollout.max_new_tokens
+        logp, entropy, raw = response_logprobs(self.policy, batch.ids[rows], batch.mask[rows], batch.start,
+                                               self.cfg.rollout.temperature or 1.0, with_entropy=True,
+                                               with_raw=batch.on_policy, pack=self.pack)
+        if batch.on_policy:  # the whole batch in one minibatch, before any update
+            old_logp, old_raw = torch.zeros_like(logp), torch.zeros_like(raw)
+            old_logp[rows], old_raw[rows] = logp.detach(), raw.detach()
+            batch.set_old_logprobs(old_logp, old_raw, p)
+        m = batch.loss_mask[rows]
+        # every per-token term (policy, entropy, KL loss; the value loss as a token mean) is aggregated alike;
+        # under data parallelism token_mean divides by the global token count, so two ranks step exactly as one
+        # process on the whole batch
+        ranks = self.rank_mean if self.world_size > 1 else None
+        weights = None if batch.tis_weights is None else batch.tis_weights[rows]
+        pg_loss, stats = policy_loss(logp, batch.old_logp[rows], batch.advantages[rows], m, p.clip_range,
+                                     p.clip_range_high or p.clip_range, p.loss_agg_mode, max_length, weights, ranks)
+        losses = {"policy": pg_loss}
+        if p.entropy_coef:
+            losses["policy"] = pg_loss - p.entropy_coef * agg_loss(entropy, m, p.loss_agg_mode, max_length, ranks)
+        if p.kl_loss_coef > 0:
+            kl_loss = agg_loss(kl_penalty(logp, batch.ref_logp[rows], p.kl_loss_estimator), m, p.loss_agg_mode,
+                               max_length, ranks)
+            losses["policy"] = losses["policy"] + p.kl_loss_coef * kl_loss
+            stats["kl_loss"] = kl_loss.detach()
+        if self.has_critic:
+            values = response_values(self.trainables["critic"].model, batch.ids[rows], batch.mask[rows], batch.start)
+            stats["value_loss"] = value_loss(values, batch.old_values[rows], batch.returns[rows], m, p.value_clip_range,
+                                             ranks)
+            losses["critic"] = p.vf_coef * stats["value_loss"]  # actor and critic share no weights: one backward each
+        stats = {"policy_loss": pg_loss, "entropy": masked_mean(entropy.detach(), m), **stats}
+        # before any update the ratio is exactly 1: a deviation means old log-probs from another distribution
+        # (other weights, temperature or dropout), which PPO's clip would act on silently
+        stats["ratio/max_dev"] = (((logp.detach() - batch.old_logp[rows]).exp() - 1).abs() * batch.response_mask[rows]).max()
+        return losses, stats
+
+    def update(self, batch: RolloutBatch) -> tuple[dict[str, float], bool]:
+        """ppo_epochs passes over the batch in shuffled minibatches, stopping early once the approximate KL
+        to the sampling policy passes ppo.target_approx_kl."""
+        p, n = self.cfg.ppo, batch.ids.shape[0]
+        stats: dict[str, list[float]] = {}
+        for _ in range(p.ppo_epochs):
+            for rows in torch.randperm(n).split(self.minibatch_size):
+                losses, s = self.minibatch_losses(batch, rows)
+                self.optimizer_step(losses)
+                first = "ratio/first_minibatch_max_dev" not in stats
+                dev = s.pop("ratio/max_dev")
+                if first:
+                    stats["ratio/first_minibatch_max_dev"] = [dev.item()]
+                for key, value in s.items():
+                    stats.setdefault(key, []).append(value.item())
+                approx_kl = self.reduce_sum(s["approx_kl"]) / self.world_size  # every rank stops together
+                if p.target_approx_kl is not None and approx_kl > p.target_approx_kl:
+                    return {k: sum(v) / len(v) for k, v in stats.items() if v}, True
+        return {k: sum(v) / len(v) for k, v in stats.items() if v}, False
+
+    def step_metrics(self, samples: list[Sample], batch: RolloutBatch) -> dict[str, float]:
+        """What a step logs about its batch: rewards by source, KL, lengths, engine/trainer agreement."""
+        n, mask = len(samples), batch.response_mask
+        mean_kl = (self.reduce_sum(batch.kl.sum()) / (n * self.world_size)).item()  # per response, over all ranks
+        self.kl_ctl.update(mean_kl, n * self.world_size)
+        by_source: dict[str, list[float]] = {}
+        for s in samples:
+            by_source.setdefault(s.source, []).append(s.score)
+        metrics = {f"reward/{k}": sum(v) / len(v) for k, v in by_source.items()}
+        if batch.returns is not None:
+            var_returns = torch.var(batch.returns[mask.bool()])
+            explained = 1 - torch.var((batch.returns - batch.old_values)[mask.bool()]) / var_returns.clamp_min(1e-8)
+            metrics["explained_variance"] = explained.item()
+        lengths = batch.mask.sum(-1).tolist()  # what padding costs the forward passes, and what packing leaves of it
+        return {
+            **metrics,
+            "batch/padding_fraction": 1 - sum(lengths) / batch.mask.numel(),
+            "batch/padding_fraction_packed": 1 - sum(lengths) / (len(pack_rows(lengths, max(lengths))) * max(lengths)),
+            "reward/mean": batch.scores.mean().item(),
+            "kl": mean_kl,
+            "kl_coef": self.kl_ctl.coef,
+            "advantage/abs_mean": masked_mean(batch.advantages.abs(), mask).item(),
+            "response_length": mask.sum(1).mean().item(),
+            "eos_rate": 1 - batch.truncated.float().mean().item(),
+            "engine_mismatch/mean": masked_mean(batch.mismatch, mask).item(),
+            "engine_mismatch/max": batch.mismatch.max().item(),
+        }
 
     # -- one step ------------------------------------------------------------------------------------
     def step(self, step: int) -> dict[str, float]:
-        p, temperature = self.cfg.ppo, self.cfg.rollout.temperature or 1.0
-        critic = self.trainables["critic"].model if self.has_critic else None
         t0 = time.time()
         samples, metrics = self.rollout(step)
         if self.reduce_sum(torch.tensor(float(not samples))).item() > 0:  # every rank steps, or none does
             return {**metrics, "skipped": 1.0}
-        ids, mask, start, engine_logp = self.batch(samples)
-        lengths = mask.sum(-1).tolist()  # what padding costs the forward passes, and what packing leaves of it
-        metrics["batch/padding_fraction"] = 1 - sum(lengths) / mask.numel()
-        metrics["batch/padding_fraction_packed"] = 1 - sum(lengths) / (len(pack_rows(lengths, max(lengths))) * max(lengths))
-        response_mask = mask[:, start:].float()
-        scores = torch.tensor([s.score for s in samples], device=self.device)
-        groups = torch.arange(len(samples), device=self.device) // p.samples_per_prompt
-        truncated = torch.tensor([s.completion.finish_reason != "stop" for s in samples], device=self.device)
         t1 = time.time()
-
-        # One update per step and no KL in the reward: the sampling-time log-probs are those of the policy's
-        # own training forward (detached), so the separate no-grad pass over the batch is skipped
-        on_policy = p.ppo_epochs == 1 and len(samples) <= self.minibatch_size and p.kl_coef == 0
-        with torch.no_grad():
-            if on_policy:
-                old_logp = old_raw = torch.zeros_like(response_mask)  # filled in by the training forward below
-            else:
-                old_logp, _, old_raw = response_logprobs(self.policy, ids, mask, start, temperature, with_raw=True, pack=self.pack)
-            ref_logp = old_logp  # no KL anywhere: no reference model is kept
-            if self.needs_reference:
-                with self.reference_context():
-                    ref_logp, _, _ = response_logprobs(self.reference_model, ids, mask, start, temperature, pack=self.pack)
-            old_values = response_values(critic, ids, mask, start) * response_mask if critic is not None else None
-            kl = kl_penalty(old_logp, ref_logp, p.kl_estimator) * response_mask
-            token_rewards = token_level_rewards(scores, kl, response_mask, self.kl_ctl.coef)
-            advantages, returns = self.advantages(scores, groups, token_rewards, old_values, response_mask)
-            # the engine's own numerics against the trainer's, both of the model's (temperature-1) distribution
-            mismatch = ((old_raw - engine_logp).abs() * response_mask)
-            weights = tis_weights(old_raw, engine_logp, p.tis_cap) if p.tis_cap and not on_policy else None
-            # DAPO's overlong filtering: truncated responses teach nothing about how to end
-            loss_mask = response_mask * (~truncated[:, None]).float() if p.mask_truncated else response_mask
+        batch = self.collect(samples)
+        self.advantages(batch)
         t2 = time.time()
-
-        stats: dict[str, list[float]] = {}
-        early_stop = False
-        max_length = self.cfg.rollout.max_new_tokens
-        for _ in range(p.ppo_epochs):
-            order = torch.randperm(len(samples))
-            for batch in order.split(self.minibatch_size):
-                logp, entropy, raw = response_logprobs(self.policy, ids[batch], mask[batch], start, temperature, with_entropy=True,
-                                                        with_raw=on_policy, pack=self.pack)
-                if on_policy:  # the whole batch in one minibatch, before any update
-                    old_logp, old_raw = torch.zeros_like(logp), torch.zeros_like(raw)
-                    old_logp[batch], old_raw[batch] = logp.detach(), raw.detach()
-                    if not self.needs_reference:
-                        ref_logp = old_logp
-                    mismatch = (old_raw - engine_logp).abs() * response_mask
-                    weights = tis_weights(old_raw, engine_logp, p.tis_cap) if p.tis_cap else None
-                    kl = kl_penalty(old_logp, ref_logp, p.kl_estimator) * response_mask  # logged, not in the reward
-                m = loss_mask[batch]
-                # every per-token term (policy, entropy, KL loss; the value loss as a token mean) is aggregated
-                # alike; under data parallelism token_mean divides by the global token count, so two ranks step
-                # exactly as one process on the whole batch
-                ranks = self.rank_mean if self.world_size > 1 else None
-                pg_loss, s = policy_loss(
-                    logp, old_logp[batch], advantages[batch], m, p.clip_range, p.clip_range_high or p.clip_range,
-                    p.loss_agg_mode, max_length, None if weights is None else weights[batch], ranks,
-                )
-                losses = {"policy": pg_loss}
-                if p.entropy_coef:
-                    losses["policy"] = pg_loss - p.entropy_coef * agg_loss(entropy, m, p.loss_agg_mode, max_length, ranks)
-                entropy_mean = masked_mean(entropy.detach(), m)
-                if p.kl_loss_coef > 0:
-                    kl_loss = agg_loss(kl_penalty(logp, ref_logp[batch], p.kl_loss_estimator), m, p.loss_agg_mode, max_length, ranks)
-                    losses["policy"] = losses["policy"] + p.kl_loss_coef * kl_loss
-                    s["kl_loss"] = kl_loss.detach()
-                if critic is not None:
-                    values = response_values(critic, ids[batch], mask[batch], start)
-                    s["value_loss"] = value_loss(values, old_values[batch], returns[batch], m, p.value_clip_range, ranks)
-                    losses["critic"] = p.vf_coef * s["value_loss"]
-                # actor and critic share no weights: one backward each
-                if "ratio/first_minibatch_max_dev" not in stats:
-                    # before any update the ratio is exactly 1: a deviation means old log-probs from another
-                    # distribution (other weights, temperature or dropout), which PPO's clip would act on silently
-                    dev = ((logp.detach() - old_logp[batch]).exp() - 1).abs() * response_mask[batch]
-                    stats["ratio/first_minibatch_max_dev"] = [dev.max().item()]
-                self.optimizer_step(losses)
-                for key, value in (("policy_loss", pg_loss), ("entropy", entropy_mean), *s.items()):
-                    stats.setdefault(key, []).append(value.item())
-                approx_kl = self.reduce_sum(s["approx_kl"]) / self.world_size  # every rank stops together
-                if p.target_approx_kl is not None and approx_kl > p.target_approx_kl:
-                    early_stop = True
-                    break
-            if early_stop:
-                break
+        stats, early_stop = self.update(batch)
         t3 = time.time()
-        sync_diff = self.sync_engine(ids[0, mask[0].bool()].tolist()[:64])
+        sync_diff = self.sync_engine(batch.ids[0, batch.mask[0].bool()].tolist()[:64])
         t4 = time.time()
-
-        n = len(samples)
-        mean_kl = (self.reduce_sum(kl.sum()) / (n * self.world_size)).item()  # per response, over all ranks
-        self.kl_ctl.update(mean_kl, n * self.world_size)
-        metrics.update({k: sum(v) / len(v) for k, v in stats.items() if v})
-        by_source: dict[str, list[float]] = {}
-        for s in samples:
-            by_source.setdefault(s.source, []).append(s.score)
-        metrics.update({f"reward/{k}": sum(v) / len(v) for k, v in by_source.items()})
-        if returns is not None:
-            var_returns = torch.var(returns[response_mask.bool()])
-            explained = 1 - torch.var((returns - old_values)[response_mask.bool()]) / var_returns.clamp_min(1e-8)
-            metrics["explained_variance"] = explained.item()
-        metrics.update(
-            {
-                "reward/mean": scores.mean().item(),
-                "kl": mean_kl,
-                "kl_coef": self.kl_ctl.coef,
-                "advantage/abs_mean": masked_mean(advantages.abs(), response_mask).item(),
-                "response_length": response_mask.sum(1).mean().item(),
-                "eos_rate": 1 - truncated.float().mean().item(),
-                "engine_mismatch/mean": masked_mean(mismatch, response_mask).item(),
-                "engine_mismatch/max": mismatch.max().item(),
-                "sync/logprob_diff": sync_diff,
-                "early_stopped": float(early_stop),
-                "time/generate": t1 - t0,
-                "time/score": t2 - t1,
-                "time/train": t3 - t2,
-                "time/sync": t4 - t3,
-            }
-        )
-        return metrics
+        return {**metrics, **stats, **self.step_metrics(samples, batch), "sync/logprob_diff": sync_diff,
+                "early_stopped": float(early_stop), "time/generate": t1 - t0, "time/score": t2 - t1,
+                "time/train": t3 - t2, "time/sync": t4 - t3}
 
 
 class GRPOLoop(PPOLoop):

@@ -176,14 +176,8 @@ def greedy_generate(model, tokenizer, prompts: list[list[int]], max_new_tokens: 
         input_ids = torch.tensor([[pad] * (width - len(p)) + p for p in batch], device=device)
         attention_mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in batch], device=device)
         with eager_generation():
-            generated = model.generate(
-                input_ids=input_ids,
-                attention_mask=attention_mask,
-                max_new_tokens=max_new_tokens,
-                do_sample=False,
-                pad_token_id=pad,
-                eos_token_id=tokenizer.eos_token_id,
-            )
+            generated = model.generate(input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=max_new_tokens,
+                                       do_sample=False, pad_token_id=pad, eos_token_id=tokenizer.eos_token_id)
         for row in generated[:, width:]:
             outputs.append(tokenizer.decode(row, skip_special_tokens=True))
     model.train(was_training)

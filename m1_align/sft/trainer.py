@@ -10,7 +10,6 @@ metrics.jsonl, the atomic final save and the held-out evaluation.
 from __future__ import annotations
 
 import functools
-import time
 import types
 from pathlib import Path
 
@@ -27,19 +26,12 @@ from m1_align.rewards.verifiable import answer_accuracy
 from m1_align.runs import MetricsLogger, StageResult
 from m1_align.stage_data import eval_rows, sft_datasets
 from m1_align.training import (
-    CheckpointMarker,
-    MetricsCallback,
     WSDScheduleMixin,
-    finish_stage,
-    last_checkpoint,
     load_model,
-    load_tokenizer,
-    peft_config,
-    resolve_model_dir,
-    save_final,
-    start_output_dir,
+    run_trainer_stage,
+    source_model,
+    trainer_hooks,
     training_arguments,
-    whole_run_train_loss,
 )
 
 VARLEN_ATTENTION = ("flash_attention_2", "flash_attention_3")  # kernels that read sample bounds from the position ids
@@ -131,8 +123,7 @@ def assistant_masked(dataset, tokenizer):
 
 
 def build_trainer(cfg: SFTConfig, output_dir: Path, logger: MetricsLogger):
-    model_dir = resolve_model_dir(cfg.model.path)
-    tokenizer = load_tokenizer(cfg.model, model_dir)
+    model_dir, tokenizer = source_model(cfg)
     train_dataset, eval_dataset = sft_datasets(cfg)
     assistant_only_loss = cfg.sft.assistant_only_loss
     if assistant_only_loss and not has_generation_markers(chat_template_for(tokenizer)):
@@ -152,26 +143,19 @@ def build_trainer(cfg: SFTConfig, output_dir: Path, logger: MetricsLogger):
         train_dataset=train_dataset,
         eval_dataset=eval_dataset,
         processing_class=tokenizer,
-        peft_config=peft_config(cfg.model.lora) if cfg.model.lora.enabled else None,
-        callbacks=[MetricsCallback(logger), CheckpointMarker()],
+        **trainer_hooks(cfg, logger),
     )
-    trainer.decay_ratio = cfg.train.decay_ratio
     return trainer, tokenizer
 
 
-def run(cfg: SFTConfig) -> StageResult:
-    start = time.time()
-    output_dir = start_output_dir(cfg)
-    logger = MetricsLogger(output_dir, run_name="sft")
-    trainer, tokenizer = build_trainer(cfg, output_dir, logger)
-    resume = last_checkpoint(output_dir) if cfg.train.resume else None
-    train_output = trainer.train(resume_from_checkpoint=resume)
-    save_final(trainer, tokenizer, cfg, output_dir)
+def evaluate(cfg: SFTConfig):
+    def held_out(trainer, tokenizer, final_dir) -> dict:
+        metrics = {"eval_loss": trainer.evaluate()["eval_loss"]} if trainer.eval_dataset is not None else {}
+        rows = eval_rows(cfg, cfg.train.eval_limit, split="dev")
+        return {**metrics, **answer_accuracy(trainer.model, tokenizer, rows, max_new_tokens=cfg.train.eval_max_new_tokens)}
 
-    metrics = {"train_loss": whole_run_train_loss(trainer, train_output, resume), "steps": trainer.state.global_step}
-    if trainer.eval_dataset is not None:
-        metrics["eval_loss"] = trainer.evaluate()["eval_loss"]
-    metrics.update(answer_accuracy(
-        trainer.model, tokenizer, eval_rows(cfg, cfg.train.eval_limit, split="dev"), max_new_tokens=cfg.train.eval_max_new_tokens
-    ))
-    return finish_stage(trainer, logger, "sft", output_dir, metrics, start)
+    return held_out
+
+
+def run(cfg: SFTConfig) -> StageResult:
+    return run_trainer_stage(cfg, "sft", lambda *args: (*build_trainer(*args), {}), evaluate(cfg))
