@@ -40,7 +40,7 @@ MUTANTS = [
     ("m1_align/preference/losses.py", "kl = (ref_logp.exp() * (ref_logp - logp)).sum(-1)  # [B, c]", "kl = (logp.exp() * (logp - ref_logp)).sum(-1)  # [B, c]", "TDPO reverse KL"),
     ("m1_align/preference/losses.py", "chosen_reward = beta * (chosen.logratio.detach() + kl_term(chosen))", "chosen_reward = beta * chosen.logratio.detach()", "TDPO reward without SeqKL"),
     ("m1_align/reward_models/evaluate.py", 'tokenizer.truncation_side = "left"', 'tokenizer.truncation_side = "right"', "RM cuts the response end"),
-    ("m1_align/reward_models/router.py", "reward.value -= cfg.length_penalty * response_lengths[i]", "reward.value += cfg.length_penalty * response_lengths[i]", "length penalty sign"),
+    ("m1_align/rewards/router.py", "reward.value -= cfg.length_penalty * response_lengths[i]", "reward.value += cfg.length_penalty * response_lengths[i]", "length penalty sign"),
 ]
 TESTS = ["tests/test_algorithms.py", "tests/test_plumbing.py", "tests/test_ppo.py", "tests/test_elo.py", "tests/test_tdpo_losses.py", "tests/test_rules.py"]
 
