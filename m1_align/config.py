@@ -8,9 +8,15 @@ that names the file (or "command line"), the dotted key and what was expected.
 from __future__ import annotations
 
 import difflib
+import json
+import math
 import re
+import shutil
+import textwrap
+import types
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -670,13 +676,41 @@ def _known_keys(schema: type[BaseModel], prefix: str = "") -> list[str]:
     return keys
 
 
+def _leaves(value: Any, key: str) -> list[str]:
+    """The dotted keys of every value under `key` (itself when the value is not a mapping)."""
+    if isinstance(value, dict) and value:
+        return [leaf for name, sub in value.items() for leaf in _leaves(sub, f"{key}.{name}")]
+    return [key]
+
+
+def _misplaced(key: str, value: Any, known: list[str]) -> list[str]:
+    """Known keys that end the way the unknown key's leaves end, longest ending first: what a key written under
+    the wrong section (`grpo.advantage_estimator` for `ppo.advantage_estimator`) was meant to be."""
+    found: list[str] = []
+    for leaf in _leaves(value, key):
+        parts = leaf.split(".")
+        for n in range(len(parts), 0, -1):
+            tail = ".".join(parts[-n:])
+            matches = [k for k in known if k.endswith("." + tail) or (k == tail and n < len(parts))]
+            if matches:
+                found += [m for m in matches if m not in found]
+                break
+    return found
+
+
 def _describe(err: dict[str, Any], schema: type[BaseModel], source: str) -> str:
     key = ".".join(str(p) for p in err["loc"])
     if err["type"] == "extra_forbidden":
-        close = difflib.get_close_matches(key, _known_keys(schema), n=1, cutoff=0.6)
-        hint = f"; did you mean '{close[0]}'?" if close else ""
+        known = _known_keys(schema)
+        misplaced = _misplaced(key, err.get("input"), known)
+        close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
         owners = [name for name, other in SCHEMAS.items() if other is not schema and key in _known_keys(other)]
-        if not close and owners:
+        hint = ""
+        if misplaced:
+            hint = f"; did you mean {' or '.join(repr(k) for k in misplaced[:3])}?"
+        elif close:
+            hint = f"; did you mean '{close[0]}'?"
+        elif owners:
             hint = f"; it is a key of {', '.join(owners)} (m1-align {owners[0]} ...), not of this command"
         return f"unknown key '{key}' in {source}{hint}"
     value = err.get("input")
@@ -720,3 +754,153 @@ def dump_config(config: BaseModel) -> str:
     """The merged config as YAML, with every default filled in; loads back to the same object."""
     return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
 
+
+# ---------------------------------------------------------------------------------------------
+# Documentation: `m1-align STAGE --help` and the documented `--print-config`
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class FieldDoc:
+    key: str  # dotted, as an override names it
+    type: str  # e.g. "FLOAT > 0", "{cosine,wsd,linear,constant}", "STR|null"
+    default: Any  # this schema's default, JSON-like (a section's default may differ by stage)
+    description: str
+
+
+@dataclass(frozen=True)
+class SectionDoc:
+    key: str  # "" for the top level
+    description: str
+    fields: list[FieldDoc]
+
+
+_SCALAR_TYPES = {bool: "BOOL", int: "INT", float: "FLOAT", str: "STR"}
+_BOUNDS = (("ge", ">="), ("gt", ">"), ("le", "<="), ("lt", "<"))
+
+
+def _section_model(annotation: Any) -> type[BaseModel] | None:
+    """The config model a field always holds (a section); None for values and for optional sub-configs."""
+    return annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else None
+
+
+def type_label(annotation: Any) -> str:
+    """A field's type as --help shows it: INT, FLOAT, STR, BOOL, {choice,...}, [ITEM,...], X|null."""
+    origin, args = get_origin(annotation), get_args(annotation)
+    if annotation in _SCALAR_TYPES:
+        return _SCALAR_TYPES[annotation]
+    if origin is Literal:
+        return "{" + ",".join(str(a) for a in args) + "}"
+    if origin is Annotated:
+        return type_label(args[0])
+    if origin in (Union, types.UnionType):
+        return "|".join("null" if a is type(None) else type_label(a) for a in args)
+    if origin is list:
+        return f"[{type_label(args[0])},...]"
+    if origin is tuple:
+        return "[" + ",".join(type_label(a) for a in args) + "]"
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return "MAPPING"
+    return getattr(annotation, "__name__", str(annotation))
+
+
+def _bounds(metadata: list[Any]) -> str:
+    """pydantic's ge/gt/le/lt as `>= 1`, or `in [0, 1)` when bounded on both sides."""
+    found = {attr: getattr(m, attr) for m in metadata for attr, _ in _BOUNDS if getattr(m, attr, None) is not None}
+    low = next(((a, found[a]) for a in ("ge", "gt") if a in found), None)
+    high = next(((a, found[a]) for a in ("le", "lt") if a in found), None)
+    if low and high:
+        return f"in {'[' if low[0] == 'ge' else '('}{low[1]:g}, {high[1]:g}{']' if high[0] == 'le' else ')'}"
+    return " ".join(f"{symbol} {found[attr]:g}" for attr, symbol in _BOUNDS if attr in found)
+
+
+def section_docs(schema: type[BaseModel]) -> list[SectionDoc]:
+    """Every key of a schema with its type, this schema's default and its description, grouped by section:
+    the top-level keys first, then each section (and its subsections) in the schema's order."""
+    sections: list[SectionDoc] = []
+
+    def walk(model: type[BaseModel], defaults: dict[str, Any], prefix: str, description: str) -> None:
+        fields = []
+        sections.append(SectionDoc(prefix.rstrip("."), description, fields))
+        for name, field in model.model_fields.items():
+            if _section_model(field.annotation) is None:
+                label = " ".join(filter(None, (type_label(field.annotation), _bounds(field.metadata))))
+                fields.append(FieldDoc(prefix + name, label, defaults[name], field.description or ""))
+        for name, field in model.model_fields.items():
+            sub = _section_model(field.annotation)
+            if sub is not None:
+                walk(sub, defaults[name], f"{prefix}{name}.", field.description or "")
+
+    walk(schema, schema().model_dump(mode="json"), "", "")
+    return [s for s in sections if s.fields]
+
+
+def yaml_value(value: Any) -> str:
+    """One JSON-like value as a one-line YAML value that loads back to it."""
+    if isinstance(value, str) and not value.isprintable():  # "\nAnswer:": a double-quoted escape, not a line break
+        return json.dumps(value)
+    if isinstance(value, list):
+        return "[" + ", ".join(yaml_value(v) for v in value) + "]"
+    return yaml.safe_dump(value, default_flow_style=True, width=math.inf).removesuffix("\n...\n").strip()
+
+
+def _wrap(text: str, width: int, default: str | None = None) -> list[str]:
+    """Lines of at most `width`, ending with "(default: ...)" kept whole on one line."""
+    if default is not None:
+        text += " " + f"(default: {default})".replace(" ", "\0")
+    return [line.replace("\0", " ") for line in textwrap.wrap(text, width, break_on_hyphens=False)]
+
+
+def settings_help(schema: type[BaseModel], sections: set[str] | None = None, width: int | None = None) -> str:
+    """The settings part of `m1-align STAGE --help`: each key with its type, description and default, grouped
+    by section, in the layout of argparse's option help (TRL's CLI help lists its dataclass fields this way)."""
+    width = width or max(60, min(shutil.get_terminal_size().columns - 2, 120))
+    indent = 24  # argparse's help column
+    lines = _wrap("settings: set any of them in the YAML file, or on the command line as dotted.key=value; "
+                  "the defaults shown are this command's.", width)
+    for section in section_docs(schema):
+        if sections is not None and section.key.split(".")[0] not in sections:
+            continue
+        title = f"{section.key}: {section.description}" if section.key else "top level:"
+        lines += ["", *textwrap.wrap(title, width, subsequent_indent="  ", break_on_hyphens=False)]
+        for doc in section.fields:
+            head = f"  {doc.key}={doc.type}"
+            text = _wrap(doc.description, width - indent, yaml_value(doc.default))
+            if len(head) <= indent - 2:
+                lines.append(head.ljust(indent) + text[0])
+                text = text[1:]
+            else:
+                lines.append(head)
+            lines += [" " * indent + t for t in text]
+    return "\n".join(lines) + "\n"
+
+
+def documented_config(config: BaseModel, header: str = "", sections: set[str] | None = None, width: int = 100) -> str:
+    """The config as YAML with every key's description above it as a comment, and its default where the value
+    differs: a documented starting file that loads back to the same config. A pipeline's stages show only the
+    keys they set, since the pipeline fills in the rest (stage_configs); `sections` keeps only those top-level
+    keys."""
+    def walk(value: BaseModel, data: dict[str, Any], default: dict[str, Any], indent: int, only_set: bool) -> list[str]:
+        lines, pad = [], " " * indent
+        for name, field in type(value).model_fields.items():
+            if (only_set and name not in value.model_fields_set) or (sections and not indent and name not in sections):
+                continue
+            current = getattr(value, name)
+            changed = not isinstance(current, BaseModel) and data[name] != default.get(name)
+            if isinstance(current, BaseModel) and not indent and lines:
+                lines.append("")
+            lines += [f"{pad}# {line}" for line in _wrap(field.description or "", width - indent - 2,
+                                                         yaml_value(default.get(name)) if changed else None)]
+            if not isinstance(current, BaseModel):
+                lines.append(f"{pad}{name}: {yaml_value(data[name])}")
+                continue
+            # an optional sub-config (a pipeline's stage) is only what was written for it
+            optional = _section_model(field.annotation) is None
+            sub_default = type(current)().model_dump(mode="json") if optional else default[name]
+            inner = walk(current, data[name], sub_default, indent + 2, only_set or optional)
+            lines += [f"{pad}{name}:" + ("" if inner else " {}"), *inner]
+        return lines
+
+    header_lines = [f"# {line}" for line in _wrap(header, width - 2)]
+    body = walk(config, config.model_dump(mode="json"), type(config)().model_dump(mode="json"), 0, False)
+    return "\n".join(header_lines + body) + "\n"
