@@ -2,7 +2,8 @@
 
 A config file may inherit from others with `defaults: base.yaml` (or a list); later files and the
 command line override earlier ones, mapping by mapping. Every error is a single `ConfigError` line
-that names the file (or "command line"), the dotted key and what was expected.
+that names the file (or "command line"), the dotted key and what was expected. Every field carries its
+description (Field(description=...)), which `m1-align STAGE --help` and `--print-config` show.
 """
 
 from __future__ import annotations
