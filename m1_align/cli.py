@@ -9,7 +9,15 @@ import shutil
 import sys
 from pathlib import Path
 
-from m1_align.config import ConfigError, dump_config, load_config, load_data_config
+from m1_align.config import (
+    SCHEMAS,
+    ConfigError,
+    DataStageConfig,
+    documented_config,
+    load_config,
+    load_data_config,
+    settings_help,
+)
 from m1_align.stages import STAGES
 
 PIPELINE_HELP = "pretrain -> SFT -> ELO -> TDPO -> RM -> PPO / GRPO, evaluated after every stage"
@@ -54,10 +62,14 @@ def _user_message(err: BaseException, output_dir: str | None = None) -> str | No
     return None
 
 
+PRINT_CONFIG_HELP = ("print the merged, validated config as YAML, each key's description as a comment above it, "
+                     "and exit: a documented starting file that loads back to the same config")
+
+
 def _add_config_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("config", nargs="?", help="YAML experiment config (may inherit with `defaults:`)")
     parser.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. train.learning_rate=1e-5")
-    parser.add_argument("--print-config", action="store_true", help="print the merged, validated config and exit")
+    parser.add_argument("--print-config", action="store_true", help=PRINT_CONFIG_HELP)
 
 
 def _add_eval_args(parser: argparse.ArgumentParser) -> None:
@@ -67,7 +79,7 @@ def _add_eval_args(parser: argparse.ArgumentParser) -> None:
         metavar="[MODEL_PATH] [CONFIG] [key=value ...]",
         help="a model folder, stage output or run dir (sets model.path), a YAML config, overrides",
     )
-    parser.add_argument("--print-config", action="store_true", help="print the merged, validated config and exit")
+    parser.add_argument("--print-config", action="store_true", help=PRINT_CONFIG_HELP)
 
 
 def _add_rm_eval_args(parser: argparse.ArgumentParser) -> None:
@@ -79,18 +91,22 @@ def _add_rm_eval_args(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--data", help="pairs to score: JSONL, Parquet or a datasets folder (sets data.eval_file)")
     parser.add_argument("--output", help="report folder (sets output_dir)")
-    parser.add_argument("--print-config", action="store_true", help="print the merged, validated config and exit")
+    parser.add_argument("--print-config", action="store_true", help=PRINT_CONFIG_HELP)
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="m1-align",
-        description="Post-training for medical language models (Baichuan-M1 recipe): SFT, ELO, TDPO, PPO.",
+        description="Post-training for medical language models (Baichuan-M1 recipe): SFT, ELO, TDPO, PPO, GRPO. "
+                    "`m1-align COMMAND --help` lists every setting of a command with its default.",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    # the settings' help goes in as written: argparse would reflow its columns
+    documented = {"formatter_class": argparse.RawDescriptionHelpFormatter}
     commands = {**{name: stage.help for name, stage in STAGES.items()}, "pipeline": PIPELINE_HELP}
     for name, help_text in commands.items():
-        stage = sub.add_parser(name, help=help_text, description=help_text)
+        stage = sub.add_parser(name, help=help_text, description=help_text, epilog=settings_help(SCHEMAS[name]),
+                               **documented)
         if name == "eval":
             _add_eval_args(stage)
         elif name == "rm-eval":
@@ -100,7 +116,10 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "pipeline":
             stage.add_argument("--from", dest="from_stage", metavar="STAGE", help="re-run this stage and every later one")
             stage.add_argument("--only", metavar="STAGE", help="re-run only this stage")
-    data = sub.add_parser("data", help="build or show the offline medical datasets", description="build or show the offline medical datasets")
+    data = sub.add_parser("data", help="build or show the offline medical datasets",
+                          description="build or show the offline medical datasets; reads the data section of any "
+                                      "stage or pipeline config", epilog=settings_help(DataStageConfig, {"data"}),
+                          **documented)
     data.add_argument("action", choices=["build", "show"])
     _add_config_args(data)
     gguf = sub.add_parser("import-gguf", help="turn a GGUF file (or the bundled SmolLM2: smollm2) into a HF model folder",
@@ -109,6 +128,12 @@ def build_parser() -> argparse.ArgumentParser:
     gguf.add_argument("output_dir", help="the Hugging Face model folder to write")
     gguf.add_argument("--overwrite", action="store_true", help="replace a model already in output_dir")
     return parser
+
+
+def print_config(command: str, config, sections: set[str] | None = None) -> None:
+    header = (f"m1-align {command}: the merged, validated config, every key with its description; "
+              f"`m1-align {command} FILE.yaml` loads this file back to the same config.")
+    print(documented_config(config, header, sections), end="")
 
 
 def _load(stage: str, args: argparse.Namespace):
@@ -140,7 +165,7 @@ def _run_stage(stage: str, args: argparse.Namespace) -> int:
     config = _load(stage, args)
     args.output_hint = getattr(config, "output_dir", None) or getattr(config, "run_dir", None)
     if args.print_config:
-        print(dump_config(config), end="")
+        print_config(stage, config)
         return 0
     if stage == "pipeline":
         from m1_align.pipeline import run as run_pipeline
@@ -159,7 +184,7 @@ def _run_data(args: argparse.Namespace) -> int:
         args.config = None
     config = load_data_config(args.config, args.overrides)  # the data section of any stage or pipeline config
     if args.print_config:
-        print(dump_config(config), end="")
+        print_config(f"data {args.action}", config, {"data"})
         return 0
     from m1_align.data.build import build_from_config, show
 

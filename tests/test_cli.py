@@ -75,3 +75,56 @@ def test_overwrite_starts_a_finished_run_over_but_an_unfinished_one_resumes(tmp_
     assert (previous / "result.json").is_file() and (previous / "checkpoints" / "checkpoint-10").is_dir()
     StageResult("sft", str(finished), {}).save()
     assert not previous.exists()
+
+
+def test_stage_help_lists_every_setting_by_section(capsys):
+    with pytest.raises(SystemExit):
+        main(["grpo", "--help"])
+    out = capsys.readouterr().out
+    sections = [line.split(":")[0] for line in out.split("\nsettings:")[1].splitlines()
+                if line and not line.startswith(" ") and ":" in line]
+    assert sections == ["top level", "model", "model.lora", "data", "train", "ppo", "reward", "rollout"]
+    for entry in ("\n  ppo.advantage_estimator={gae,grpo,rloo,reinforce_pp}\n", "\n  ppo.kl_coef=FLOAT >= 0\n",
+                  "\n  train.learning_rate=FLOAT > 0\n", "\n  rollout.temperature=FLOAT >= 0\n"):
+        assert entry in out
+    gamma = out[out.index("\n  ppo.gamma=") :].split("\n  ppo.")[1]
+    assert "discount" in gamma and "(default: 1.0)" in gamma
+
+
+def test_pipeline_and_data_help(capsys):
+    with pytest.raises(SystemExit):
+        main(["pipeline", "--help"])
+    out = capsys.readouterr().out
+    assert "\n  run_dir=STR" in out and "\n  stages.grpo=MAPPING|null" in out
+    assert "m1-align grpo --help lists them" in " ".join(out.split())
+    with pytest.raises(SystemExit):
+        main(["data", "build", "--help"])
+    out = capsys.readouterr().out
+    assert "\n  data.max_per_task=INT >= 1" in out and "train." not in out.split("settings:")[1]
+
+
+def test_no_help_or_message_speaks_of_issues(capsys):
+    for args in (["--help"], *([name, "--help"] for name in SUBCOMMANDS)):
+        with pytest.raises(SystemExit):
+            main(args if args[0] != "data" else ["data", "build", "--help"])
+        assert "issue" not in capsys.readouterr().out.lower()
+
+
+def test_print_config_is_documented_and_loads_back(tmp_path, capsys):
+    from m1_align.config import load_config
+
+    assert main(["sft", "configs/sft.yaml", "train.max_steps=5", "--print-config"]) == 0
+    printed = capsys.readouterr().out
+    assert printed.startswith("# m1-align sft:") and "\n  # Loss on the assistant's tokens only" in printed
+    path = tmp_path / "printed.yaml"
+    path.write_text(printed)
+    assert load_config("sft", path) == load_config("sft", "configs/sft.yaml", ["train.max_steps=5"])
+    assert main(["data", "show", "configs/sft.yaml", "--print-config"]) == 0
+    assert yaml.safe_load(capsys.readouterr().out).keys() == {"data"}
+
+
+def test_a_section_of_another_name_is_pointed_at():
+    out = run_cli("grpo", "configs/grpo.yaml", "grpo.advantage_estimator=rloo")
+    assert out.returncode == 2
+    assert out.stderr.strip() == ("error: unknown key 'grpo' in configs/grpo.yaml + command line; "
+                                  "did you mean 'ppo.advantage_estimator'?")

@@ -153,3 +153,147 @@ def test_unknown_data_task_names_the_choices():
     with pytest.raises(ConfigError) as err:
         load_config("grpo", None, ["data.tasks=[elixhauser,icd]"])
     assert "'data.tasks'" in str(err.value) and "icd_code" in str(err.value) and "\n" not in str(err.value)
+
+
+# ---------------------------------------------------------------------------------------------
+# Every setting documented: descriptions, --help's listing, the documented --print-config
+# ---------------------------------------------------------------------------------------------
+
+
+def _models_reachable(annotation, seen):
+    from typing import get_args
+
+    from pydantic import BaseModel
+
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        if annotation not in seen:
+            seen.add(annotation)
+            for field in annotation.model_fields.values():
+                _models_reachable(field.annotation, seen)
+    for arg in get_args(annotation):
+        _models_reachable(arg, seen)
+    return seen
+
+
+def test_every_field_of_every_config_has_a_description():
+    models = set()
+    for schema in SCHEMAS.values():
+        _models_reachable(schema, models)
+    assert {m.__name__ for m in models} >= {"LoraConfig", "RolloutConfig", "PPOSection", "PipelineStages", "RMEvalConfig"}
+    missing = sorted(f"{m.__name__}.{name}" for m in models for name, field in m.model_fields.items()
+                     if not (field.description or "").strip())
+    assert missing == [], f"fields without a description: {missing}"
+
+
+def test_reachable_models_include_optional_and_nested_ones():
+    # the walk above must see inside X | None and nested sections, or it would pass on undocumented fields
+    from m1_align.config import LoraConfig, PipelineConfig, SFTConfig
+
+    seen = _models_reachable(PipelineConfig, set())
+    assert SFTConfig in seen and LoraConfig in seen
+
+
+SHIPPED = [("sft", "configs/sft.yaml"), ("tdpo", "configs/tdpo.yaml"), ("elo", "configs/elo.yaml"),
+           ("ppo", "configs/ppo.yaml"), ("grpo", "configs/grpo.yaml"), ("rm", "configs/rm.yaml"),
+           ("pipeline", "configs/quickstart.yaml"), ("pipeline", "configs/smollm2.yaml")]
+
+
+@pytest.mark.parametrize(("stage", "path"), [(s, None) for s in sorted(SCHEMAS)] + SHIPPED)
+def test_documented_config_loads_back_to_the_same_config(stage, path, tmp_path):
+    from m1_align.config import documented_config
+
+    cfg = load_config(stage, path, ["seed=7"] if stage != "rm-eval" else [])
+    printed = write(tmp_path, "printed.yaml", documented_config(cfg, "header"))
+    again = load_config(stage, printed)
+    assert again == cfg
+    # what a pipeline's stage leaves out is wired by the pipeline, so it must stay left out
+    if stage == "pipeline":
+        from m1_align.pipeline import stage_configs
+
+        for name in type(cfg.stages).model_fields:
+            ours, theirs = getattr(cfg.stages, name), getattr(again.stages, name)
+            assert (ours is None) == (theirs is None)
+            if ours is not None:
+                assert ours.model_fields_set == theirs.model_fields_set
+        assert stage_configs(again) == stage_configs(cfg)
+
+
+def test_documented_config_puts_each_description_above_its_key():
+    from m1_align.config import documented_config
+
+    cfg = load_config("sft", None, ["train.learning_rate=1e-3"])
+    lines = documented_config(cfg, "").splitlines()
+    at = lines.index("  learning_rate: 0.001")
+    # the changed value names its default; the comment block ends right above the key
+    assert lines[at - 1].endswith("(default: 2.0e-05)") and lines[at - 2].strip().startswith("# Peak learning rate")
+    assert lines[lines.index("  batch_size: 8") - 1].strip().startswith("#")
+    assert "(default:" not in lines[lines.index("  batch_size: 8") - 1]  # unchanged: no default repeated
+    assert lines[lines.index("sft:") - 1] == "# Supervised fine-tuning on conversations."
+    assert all(len(line) <= 100 for line in lines)
+
+
+def test_pipeline_stages_print_only_what_they_set(tmp_path):
+    from m1_align.config import documented_config
+
+    cfg = load_config("pipeline", write(tmp_path, "p.yaml", "stages:\n  sft: {}\n  tdpo:\n    model: {dtype: float32}\n"))
+    text = documented_config(cfg, "")
+    stages = text.split("\nstages:")[1].split("\n\n")[0]
+    assert "  sft: {}" in stages and "    model:\n" in stages and "      dtype: float32" in stages
+    assert "output_dir" not in stages.split("  tdpo:")[1]  # the pipeline sets it: printing it would pin it
+
+
+@pytest.mark.parametrize("value", ["\nAnswer:", "yes", "null", "1e-5", "", "a: b", "#x", None, True, 0.1, 2e-5, [],
+                                   ["a b", "c"], [0.9, 0.95]])
+def test_yaml_value_loads_back(value):
+    from m1_align.config import yaml_value
+
+    text = yaml_value(value)
+    assert "\n" not in text and yaml.safe_load(f"key: {text}") == {"key": value}
+
+
+def test_a_stage_section_default_survives_a_partial_section(tmp_path):
+    # tdpo samples its pairs at 0.7 and eval decodes greedily: setting one other rollout key keeps that
+    tdpo = load_config("tdpo", write(tmp_path, "t.yaml", "rollout:\n  top_p: 0.9\n"))
+    assert (tdpo.rollout.temperature, tdpo.rollout.max_new_tokens, tdpo.rollout.top_p) == (0.7, 96, 0.9)
+    assert load_config("eval", None, ["rollout.engine=hf"]).rollout.temperature == 0.0
+    grpo = load_config("grpo", None, ["ppo.clip_range=0.3"])
+    assert (grpo.ppo.advantage_estimator, grpo.ppo.samples_per_prompt, grpo.ppo.clip_range) == ("grpo", 4, 0.3)
+    assert load_config("tdpo", None, ["rollout.temperature=1.0"]).rollout.temperature == 1.0  # a set key wins
+    assert load_config("elo", None, ["rollout.top_p=0.9"]).rollout.temperature == 1.0  # elo's is the class default
+
+
+def test_help_lists_every_key_with_type_default_and_description():
+    from m1_align.config import GRPOConfig, _known_keys, section_docs, settings_help
+
+    text = settings_help(GRPOConfig, width=100)
+    keys = [doc.key for section in section_docs(GRPOConfig) for doc in section.fields]
+    known = _known_keys(GRPOConfig)
+    assert sorted(keys) == sorted(k for k in known if not any(other.startswith(k + ".") for other in known))
+    for key in keys:
+        assert f"\n  {key}=" in text
+    titles = [line.split(":")[0] for line in text.splitlines() if line and not line.startswith(" ") and ":" in line]
+    assert titles == ["settings", "top level", "model", "model.lora", "data", "train", "ppo", "reward", "rollout"]
+    # the stage's own defaults, not the section class's
+    entry = text[text.index("\n  ppo.kl_loss_coef=") :]
+    assert entry.startswith("\n  ppo.kl_loss_coef=FLOAT >= 0\n") and "(default: 0.01)" in entry.split("\n  ppo.")[1]
+    tdpo = settings_help(SCHEMAS["tdpo"], width=100)
+    assert "(default: 0.7)" in tdpo[tdpo.index("rollout.temperature=") :].split("\n  rollout.")[0]
+    assert "  model.lora.dropout=FLOAT in [0, 1)" in text and "  rollout.top_p=FLOAT in (0, 1]" in text
+    assert "  train.report_to=[{tensorboard,wandb},...]" in text and "  model.path=STR|null" in text
+    assert all(len(line) <= 100 for line in text.splitlines() if " " in line.strip())
+
+
+@pytest.mark.parametrize(
+    ("stage", "override", "unknown", "hint"),
+    [
+        ("grpo", "grpo.advantage_estimator=rloo", "grpo", "did you mean 'ppo.advantage_estimator'?"),
+        ("sft", "lora.enabled=true", "lora", "did you mean 'model.lora.enabled'?"),
+        ("ppo", "ppo.seed=3", "ppo.seed", "did you mean 'seed' or 'data.seed'?"),
+        ("pipeline", "sft.train.learning_rate=0.1", "sft", "did you mean 'stages.sft.train.learning_rate'?"),
+        ("sft", "train.lerning_rate=0.1", "train.lerning_rate", "did you mean 'train.learning_rate'?"),  # a typo
+    ],
+)
+def test_a_key_in_the_wrong_section_points_at_the_right_one(stage, override, unknown, hint):
+    with pytest.raises(ConfigError) as err:
+        load_config(stage, None, [override])
+    assert str(err.value) == f"unknown key '{unknown}' in the defaults + command line; {hint}"
