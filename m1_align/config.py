@@ -250,28 +250,53 @@ class PPOSection(Section):
     """Log-probs: the ratio, the KL (reward and loss) and the entropy use the sampled distribution,
     softmax(logits / rollout.temperature); the engine mismatch and TIS compare temperature-1 log-probs."""
 
-    # gae: PPO with a critic; grpo, rloo, reinforce_pp: critic-free (m1_align/rl/algorithms.py)
-    advantage_estimator: Literal["gae", "grpo", "rloo", "reinforce_pp"] = "gae"
-    grpo_std_normalize: bool = True  # grpo: divide by the group's std (false: Dr. GRPO, mean only)
-    # token_mean (DAPO), seq_mean_token_mean (GRPO), seq_mean_token_sum, token_sum_norm (Dr. GRPO; over max_new_tokens)
-    loss_agg_mode: Literal["token_mean", "seq_mean_token_mean", "seq_mean_token_sum", "token_sum_norm"] = "token_mean"
+    # the values are the names registered in m1_align/rl/algorithms.py (a test checks that they agree)
+    advantage_estimator: Literal["gae", "grpo", "dr_grpo", "rloo", "reinforce_pp", "reinforce_pp_baseline"] = Field(
+        "gae", description="gae: PPO with a critic. Critic-free: grpo (group mean and std), dr_grpo (group mean only), "
+        "rloo (leave-one-out mean), reinforce_pp (whitened discounted return, KL in the reward), reinforce_pp_baseline "
+        "(return minus the group mean, then whitened over the batch; verl's reinforce_plus_plus_baseline). The group "
+        "estimators (grpo, dr_grpo, rloo, reinforce_pp_baseline) refuse a prompt with one sample: "
+        "samples_per_prompt must be 2 or more (a lone sample has no baseline; verl would pass its raw score through).")
+    grpo_std_normalize: bool = Field(
+        True, description="grpo only: divide by the group's std; false is the same as advantage_estimator=dr_grpo")
+    loss_agg_mode: Literal["token_mean", "seq_mean_token_mean", "seq_mean_token_sum", "token_sum_norm",
+                           "seq_mean_token_sum_norm"] = Field(
+        "token_mean", description="How per-token losses (policy, entropy, KL loss) become one number: token_mean "
+        "(DAPO: over the batch's tokens), seq_mean_token_mean (GRPO: mean over responses of their token means), "
+        "seq_mean_token_sum (mean over responses of their token sums); the seq_mean modes count only responses with "
+        "tokens left (mask_truncated, masked IS), as verl. Two fixed normalisers: token_sum_norm divides the token "
+        "sum by N x L (Dr. GRPO's constant, N responses), seq_mean_token_sum_norm by L alone, without 1/N (verl's "
+        "loss_scale_factor: the step grows with the batch size); L is loss_scale_factor or rollout.max_new_tokens.")
+    loss_scale_factor: int | None = Field(
+        None, ge=1, description="L of token_sum_norm and seq_mean_token_sum_norm; None: rollout.max_new_tokens "
+        "(verl's default is the padded response length, which verl pads to its max response length)")
     prompts_per_step: int = Field(16, ge=1)
     samples_per_prompt: int = Field(1, ge=1)
     ppo_epochs: int = Field(2, ge=1)
     minibatch_size: int = Field(8, ge=1)
     clip_range: float = Field(0.2, gt=0)  # ratio clip below 1 (and above, unless clip_range_high is set)
     clip_range_high: float | None = Field(None, gt=0)  # DAPO's clip-higher, e.g. 0.28
+    clip_ratio_c: float | None = Field(
+        3.0, gt=1, description="Dual-clip (Ye et al. 2020): for a negative advantage the policy loss is capped at "
+        "-clip_ratio_c x A, so a token whose ratio ran past c stops pushing (several epochs, stale rollouts). "
+        "3.0 as verl and OpenRLHF; null: off. Logged: clip/pg_clipfrac_lower, the fraction of tokens capped.")
     value_clip_range: float = Field(0.2, gt=0)
     vf_coef: float = Field(0.5, ge=0)
     entropy_coef: float = Field(0.0, ge=0)
     gamma: float = Field(1.0, ge=0, le=1)
     lam: float = Field(0.95, ge=0, le=1)
     kl_coef: float = Field(0.05, ge=0)  # KL to the reference in the reward, per token
-    kl_estimator: Literal["k1", "k2", "k3"] = "k1"
+    kl_estimator: Literal["k1", "k2", "k3"] = Field(
+        "k1", description="Per-token KL estimate in the reward (Schulman's k1, k2, k3); k3 is clamped to [-10, 10] "
+        "as verl, its log-ratio first to [-20, 20]")
     kl_loss_coef: float = Field(0.0, ge=0)  # KL to the reference as a loss term (GRPO)
-    kl_loss_estimator: Literal["k2", "k3"] = "k3"
+    kl_loss_estimator: Literal["k2", "k3"] = Field(
+        "k3", description="KL loss term's estimator; k3 is clamped to [-10, 10] as verl, so an outlier token "
+        "(log pi_ref/pi above ~2.4) adds a bounded loss and no gradient")
     adaptive_kl_target: float | None = None  # set to adapt kl_coef towards this KL
-    target_approx_kl: float | None = None  # stop an epoch early above this approximate KL
+    target_approx_kl: float | None = Field(
+        None, description="Stop an epoch early when the minibatch's approx_kl/k3 (mean of ratio - 1 - log ratio "
+        "against the sampling-time policy) exceeds this. approx_kl/k1 (verl's ppo_kl) is logged beside it.")
     whiten_advantages: bool = True  # gae only
     missing_eos_penalty: float = Field(1.0, ge=0)
     critic_from: Literal["reward_model", "policy"] = "policy"
@@ -282,7 +307,20 @@ class PPOSection(Section):
     overlong_buffer: int = Field(0, ge=0)  # soft penalty over the last N tokens before rollout.max_new_tokens
     overlong_penalty: float = Field(1.0, ge=0)  # reached at max_new_tokens
     mask_truncated: bool = False  # no loss on responses that hit max_new_tokens
-    tis_cap: float | None = Field(None, gt=0)  # truncated importance weight min(pi_trainer / pi_engine, cap)
+    # Engine/trainer mismatch correction (m1_align/rl/algorithms.py: rollout_correction)
+    tis_cap: float | None = Field(
+        None, gt=0, description="Truncated importance sampling (Yao et al. 2025): each token's loss is weighted by "
+        "min(pi_trainer / pi_engine, tis_cap); null: off. Logged: mismatch/tis_truncated_fraction.")
+    tis_level: Literal["token", "sequence"] = Field(
+        "token", description="token: one weight per token; sequence: one per response, the product of its tokens' "
+        "ratios (exp of the summed log ratio) truncated at tis_cap, unbiased for the whole sequence but of higher "
+        "variance (set tis_cap larger, e.g. 5-10)")
+    mis_level: Literal["off", "token", "sequence"] = Field(
+        "off", description="Masked importance sampling: drop tokens (token) or whole responses (sequence: the product "
+        "of the ratios) whose pi_trainer / pi_engine leaves [mis_low, mis_high] from the loss. Logged: "
+        "mismatch/mis_masked_token_fraction, mismatch/mis_masked_seq_fraction. Applied before TIS.")
+    mis_low: float = Field(0.5, gt=0, lt=1, description="masked importance sampling's lower bound (verl: 1 / upper)")
+    mis_high: float = Field(2.0, gt=1, description="masked importance sampling's upper bound")
 
 
 class PPOConfig(StageConfig):
