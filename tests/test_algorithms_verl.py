@@ -144,8 +144,9 @@ def test_dr_grpo_and_verl_normalisers():
 
 def dual_clip_case():
     # ratios e^1.5 = 4.48 (A < 0: capped at c = 3), e^1.5 (A > 0: clipped at 1.2), 2 (A < 0, below c:
-    # unclipped), e^0.25 = 1.28 (A > 0: clipped at 1.2); the last column is padding with a huge ratio
-    logp = torch.tensor([[1.5, 1.5, math.log(2.0), 0.25, 30.0]], requires_grad=True)
+    # unclipped), e^0.25 = 1.28 (A > 0: clipped at 1.2); the last column is padding whose ratio e^100 is inf
+    # in float32 without the log-ratio clamp (inf x mask 0 = nan)
+    logp = torch.tensor([[1.5, 1.5, math.log(2.0), 0.25, 100.0]], requires_grad=True)
     adv = torch.tensor([[-1.0, 1.0, -1.0, 1.0, -1.0]])
     mask = torch.tensor([[1.0, 1.0, 1.0, 1.0, 0.0]])
     return logp, torch.zeros(1, 5), adv, mask
@@ -193,8 +194,9 @@ def test_clip_fractions_and_approx_kls_by_hand():
 
 
 def test_k3_is_clamped_to_ten_with_no_gradient_beyond():
-    logp = torch.tensor([-1.0, -5.0, -40.0], requires_grad=True)
-    ref = torch.zeros(3)  # log pi_ref / pi = 1, 5 (k3 = e^5 - 6 = 142) and 40 (e^40 would overflow float32's sums)
+    logp = torch.tensor([-1.0, -5.0, -100.0], requires_grad=True)
+    # log pi_ref / pi = 1, 5 (k3 = e^5 - 6 = 142) and 100 (e^100 is inf in float32: a nan gradient unclamped)
+    ref = torch.zeros(3)
     k3 = kl_penalty(logp, ref, "k3")
     assert k3.tolist() == pytest.approx([math.e - 2, 10.0, 10.0])
     k3.sum().backward()
@@ -295,9 +297,10 @@ def test_masked_is_by_hand():
     torch.testing.assert_close(mask, torch.tensor([[1, 1, 0], [0, 0, 0], [1, 0, 0], [0, 0, 0]], dtype=torch.float))
     assert stats["mismatch/mis_masked_token_fraction"].item() == pytest.approx(2 / 5)
     assert stats["mismatch/mis_masked_seq_fraction"].item() == pytest.approx(1 / 3)
-    # a ratio below the band is dropped too
-    mask, _ = masked_importance_sampling(ENGINE - 1.0, ENGINE, IS_MASK, 0.5, 2.0, level="token")  # ratio e^-1 < 0.5
-    assert mask.sum() == 0
+    # ratios below the band are dropped too: e^-1 < 0.5 per token, and e^-2, e^-2, e^-1 per response
+    for level in ("token", "sequence"):
+        mask, _ = masked_importance_sampling(ENGINE - 1.0, ENGINE, IS_MASK, 0.5, 2.0, level=level)
+        assert mask.sum() == 0, level
     with pytest.raises(ValueError, match=r"0 < low < 1 < high, got \[1.5, 2.0\]"):
         masked_importance_sampling(TRAINER, ENGINE, IS_MASK, 1.5, 2.0)
 

@@ -477,7 +477,8 @@ def _seq_fraction(flag: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
 def truncated_importance_weights(trainer_logp, engine_logp, mask, cap: float, level: str = "token"):
     """(weights [N, R], stats). token: min(pi_trainer(y_t) / pi_engine(y_t), cap) per token; sequence: one
     weight per response, min(prod_t pi_trainer(y_t) / pi_engine(y_t), cap) = min(exp(sum_t log ratio_t), cap)
-    over its real tokens, on all its tokens (computed in log space: a product over 1000 tokens overflows).
+    over its real tokens, on all its tokens (as exp of the summed log ratio: a product of 1000 token ratios
+    under- or overflows).
     stats mismatch/tis_truncated_fraction: the tokens (token) or responses (sequence) whose weight hit the cap."""
     log_ratio = (trainer_logp.detach() - engine_logp) * mask
     if level == "token":
