@@ -390,15 +390,26 @@ class PPOSection(Section):
     """Log-probs: the ratio, the KL (reward and loss) and the entropy use the sampled distribution,
     softmax(logits / rollout.temperature); the engine mismatch and TIS compare temperature-1 log-probs."""
 
-    advantage_estimator: Literal["gae", "grpo", "rloo", "reinforce_pp"] = Field("gae", description=(
-        "gae: PPO with a critic (GAE); critic-free: grpo (group-normalised scores), rloo (leave-one-out "
-        "baseline), reinforce_pp (REINFORCE++: batch-whitened returns). m1_align/rl/algorithms.py."))
-    grpo_std_normalize: bool = Field(True, description=(
-        "grpo: divide by the group's std (false: Dr. GRPO, mean only)."))
-    loss_agg_mode: Literal["token_mean", "seq_mean_token_mean", "seq_mean_token_sum", "token_sum_norm"] = Field(
-        "token_mean", description=(
-            "How per-token losses become one: token_mean (DAPO), seq_mean_token_mean (GRPO), seq_mean_token_sum, "
-            "token_sum_norm (Dr. GRPO; over rollout.max_new_tokens)."))
+    # the values are the names registered in m1_align/rl/algorithms.py (a test checks that they agree)
+    advantage_estimator: Literal["gae", "grpo", "dr_grpo", "rloo", "reinforce_pp", "reinforce_pp_baseline"] = Field(
+        "gae", description="gae: PPO with a critic. Critic-free: grpo (group mean and std), dr_grpo (group mean only), "
+        "rloo (leave-one-out mean), reinforce_pp (whitened discounted return, KL in the reward), reinforce_pp_baseline "
+        "(return minus the group mean, then whitened over the batch; verl's reinforce_plus_plus_baseline). The group "
+        "estimators (grpo, dr_grpo, rloo, reinforce_pp_baseline) refuse a prompt with one sample: "
+        "samples_per_prompt must be 2 or more (a lone sample has no baseline; verl would pass its raw score through).")
+    grpo_std_normalize: bool = Field(
+        True, description="grpo only: divide by the group's std; false is the same as advantage_estimator=dr_grpo")
+    loss_agg_mode: Literal["token_mean", "seq_mean_token_mean", "seq_mean_token_sum", "token_sum_norm",
+                           "seq_mean_token_sum_norm"] = Field(
+        "token_mean", description="How per-token losses (policy, entropy, KL loss) become one number: token_mean "
+        "(DAPO: over the batch's tokens), seq_mean_token_mean (GRPO: mean over responses of their token means), "
+        "seq_mean_token_sum (mean over responses of their token sums); the seq_mean modes count only responses with "
+        "tokens left (mask_truncated, masked IS), as verl. Two fixed normalisers: token_sum_norm divides the token "
+        "sum by N x L (Dr. GRPO's constant, N responses), seq_mean_token_sum_norm by L alone, without 1/N (verl's "
+        "loss_scale_factor: the step grows with the batch size); L is loss_scale_factor or rollout.max_new_tokens.")
+    loss_scale_factor: int | None = Field(
+        None, ge=1, description="L of token_sum_norm and seq_mean_token_sum_norm; None: rollout.max_new_tokens "
+        "(verl's default is the padded response length, which verl pads to its max response length)")
     prompts_per_step: int = Field(16, ge=1, description=(
         "Prompts sampled per step, over all processes (a multiple of the process count)."))
     samples_per_prompt: int = Field(1, ge=1, description=(
@@ -410,6 +421,10 @@ class PPOSection(Section):
         "The ratio is clipped to [1 - clip_range, 1 + clip_range] (the upper end: clip_range_high when set)."))
     clip_range_high: float | None = Field(None, gt=0, description=(
         "Upper clip of the ratio, 1 + clip_range_high (DAPO's clip-higher, e.g. 0.28); null: clip_range."))
+    clip_ratio_c: float | None = Field(
+        3.0, gt=1, description="Dual-clip (Ye et al. 2020): for a negative advantage the policy loss is capped at "
+        "-clip_ratio_c x A, so a token whose ratio ran past c stops pushing (several epochs, stale rollouts). "
+        "3.0 as verl and OpenRLHF; null: off. Logged: clip/pg_clipfrac_lower, the fraction of tokens capped.")
     value_clip_range: float = Field(0.2, gt=0, description=(
         "gae: the critic's new values are clipped to within this of the sampling-time values in the value loss."))
     vf_coef: float = Field(0.5, ge=0, description=(
@@ -425,19 +440,20 @@ class PPOSection(Section):
     kl_coef: float = Field(0.05, ge=0, description=(
         "Per-token KL to the reference subtracted from the reward, r_t = -kl_coef KL_t (+ the score on the last "
         "token); reaches the advantages of gae and reinforce_pp only (grpo, rloo: use kl_loss_coef)."))
-    kl_estimator: Literal["k1", "k2", "k3"] = Field("k1", description=(
-        "Estimator of the reward's per-token KL: k1 = log pi - log pi_ref, k2 = (k1)^2 / 2, k3 = exp(-k1) - 1 + "
-        "k1 (Schulman 2020); also the logged kl."))
+    kl_estimator: Literal["k1", "k2", "k3"] = Field(
+        "k1", description="Per-token KL estimate in the reward (Schulman's k1, k2, k3); k3 is clamped to [-10, 10] "
+        "as verl, its log-ratio first to [-20, 20]")
     kl_loss_coef: float = Field(0.0, ge=0, description=(
         "Weight of the KL to the reference as a loss term added to the policy loss (GRPO's); 0: none."))
-    kl_loss_estimator: Literal["k2", "k3"] = Field("k3", description=(
-        "Estimator of the loss term's KL: only k2 and k3 have a gradient that pulls towards the reference."))
+    kl_loss_estimator: Literal["k2", "k3"] = Field(
+        "k3", description="KL loss term's estimator; k3 is clamped to [-10, 10] as verl, so an outlier token "
+        "(log pi_ref/pi above ~2.4) adds a bounded loss and no gradient")
     adaptive_kl_target: float | None = Field(None, description=(
         "Adapt kl_coef after every step so that the KL per response tracks this target (Ziegler et al. 2019: "
         "proportional, error clipped to +-20%, horizon 10,000 samples); null: kl_coef stays fixed."))
-    target_approx_kl: float | None = Field(None, description=(
-        "Stop the step's updates early once a minibatch's approximate KL to the sampling policy (k3, token "
-        "mean) exceeds this; null: never."))
+    target_approx_kl: float | None = Field(
+        None, description="Stop an epoch early when the minibatch's approx_kl/k3 (mean of ratio - 1 - log ratio "
+        "against the sampling-time policy) exceeds this. approx_kl/k1 (verl's ppo_kl) is logged beside it.")
     whiten_advantages: bool = Field(True, description=(
         "gae: normalise the advantages to zero mean and unit variance over the step's response tokens."))
     missing_eos_penalty: float = Field(1.0, ge=0, description=(
@@ -458,9 +474,20 @@ class PPOSection(Section):
     overlong_penalty: float = Field(1.0, ge=0, description="The overlong penalty reached at rollout.max_new_tokens.")
     mask_truncated: bool = Field(False, description=(
         "DAPO's overlong filtering: no policy loss on responses that hit rollout.max_new_tokens without EOS."))
-    tis_cap: float | None = Field(None, gt=0, description=(
-        "Truncated importance sampling (Yao et al. 2025): each token's loss is weighted by min(pi_trainer / "
-        "pi_engine, tis_cap), correcting for the rollout engine's numerics; null: off."))
+    # Engine/trainer mismatch correction (m1_align/rl/algorithms.py: rollout_correction)
+    tis_cap: float | None = Field(
+        None, gt=0, description="Truncated importance sampling (Yao et al. 2025): each token's loss is weighted by "
+        "min(pi_trainer / pi_engine, tis_cap); null: off. Logged: mismatch/tis_truncated_fraction.")
+    tis_level: Literal["token", "sequence"] = Field(
+        "token", description="token: one weight per token; sequence: one per response, the product of its tokens' "
+        "ratios (exp of the summed log ratio) truncated at tis_cap, unbiased for the whole sequence but of higher "
+        "variance (set tis_cap larger, e.g. 5-10)")
+    mis_level: Literal["off", "token", "sequence"] = Field(
+        "off", description="Masked importance sampling: drop tokens (token) or whole responses (sequence: the product "
+        "of the ratios) whose pi_trainer / pi_engine leaves [mis_low, mis_high] from the loss. Logged: "
+        "mismatch/mis_masked_token_fraction, mismatch/mis_masked_seq_fraction. Applied before TIS.")
+    mis_low: float = Field(0.5, gt=0, lt=1, description="masked importance sampling's lower bound (verl: 1 / upper)")
+    mis_high: float = Field(2.0, gt=1, description="masked importance sampling's upper bound")
 
 
 class PPOConfig(StageConfig):

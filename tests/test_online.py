@@ -130,7 +130,7 @@ def test_ppo_learns_a_toy_verifiable_reward(engine, data_cache, sft_model_dir, o
     assert all(r["sync/logprob_diff"] < 0.01 for r in steps)
     # every step's ratio starts at 1: the old log-probs are the policy's own, at the sampling temperature
     assert all(r["ratio/first_minibatch_max_dev"] < 1e-3 for r in steps)
-    for key in ("clip_fraction", "approx_kl", "value_loss", "entropy", "explained_variance", "eos_rate", "time/generate", "time/sync"):
+    for key in ("clip/ratio_outside_fraction", "clip/pg_clipfrac", "approx_kl/k1", "approx_kl/k3", "value_loss", "entropy", "explained_variance", "eos_rate", "time/generate", "time/sync"):
         assert key in steps[-1]
 
 

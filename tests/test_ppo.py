@@ -44,8 +44,8 @@ def test_ppo_losses_by_hand():
     assert policy.item() == pytest.approx(sum(pg) / 2)
     v = [max((0.5 - 1) ** 2, (0.2 - 1) ** 2), max((0.0 - 1) ** 2, (0.0 - 1) ** 2)]
     assert value.item() == pytest.approx(0.5 * sum(v) / 2)
-    assert stats["clip_fraction"].item() == pytest.approx(1.0)  # both ratios leave [0.8, 1.2]
-    assert stats["approx_kl"].item() == pytest.approx(((r[0] - 1 - 0.2) + (r[1] - 1 + 1.0)) / 2)
+    assert stats["clip/ratio_outside_fraction"].item() == pytest.approx(1.0)  # both ratios leave [0.8, 1.2]
+    assert stats["approx_kl/k3"].item() == pytest.approx(((r[0] - 1 - 0.2) + (r[1] - 1 + 1.0)) / 2)
 
 
 def test_kl_estimators():

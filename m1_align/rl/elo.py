@@ -222,7 +222,8 @@ class ELOLoop(OnlineLoop):
             "reward/mean": rewards.mean().item(),
             "reward/std": rewards.std().item() if len(rewards) > 1 else 0.0,
             "advantage/abs_mean": advantages.abs().mean().item(),
-            "clip_fraction": stats["clip_fraction"].item(),
+            "clip/ratio_outside_fraction": stats["clip/ratio_outside_fraction"].item(),
+            "clip/pg_clipfrac": stats["clip/pg_clipfrac"].item(),
         }
 
     def step(self, step: int) -> dict[str, float]:

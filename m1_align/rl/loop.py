@@ -383,8 +383,9 @@ class OnlineLoop:
         atomic_replace_dir(tmp, self.output_dir / "model")
 
     # -- the run -----------------------------------------------------------------------------------
-    def run(self) -> StageResult:
-        start = time.time()
+    def prepare(self) -> int:
+        """Everything before the first step: processes, inputs check, output folder, models, the algorithm's
+        setup, optimisers, the resumed state and the engine. Returns the step to start from."""
         cfg = self.cfg
         dtype = compute_dtype(cfg.model.dtype)
         # cpu=True: accelerate forms a process group of CPU processes only when told it runs on CPU; under
@@ -406,7 +407,6 @@ class OnlineLoop:
         self.pack = cfg.train.padding_free and packing_agrees(self.policy, next(self.policy.parameters()).device,
                                                               tolerance=1e-3 if dtype == torch.float32 else 5e-2)
         self.setup()
-        total = self.total_steps()
         t = cfg.train
 
         self.trainables: dict[str, Trainable] = {}
@@ -422,7 +422,12 @@ class OnlineLoop:
             policy = self.accelerator.unwrap_model(self.policy)
             with self.full_weights("policy"):
                 self.engine.update_weights(policy)
+        return first
 
+    def run(self) -> StageResult:
+        start, t = time.time(), self.cfg.train
+        first = self.prepare()
+        total = self.total_steps()
         logger = MetricsLogger(self.output_dir, t.report_to, run_name=self.stage) if self.is_main else None
         if logger:
             logger.truncate_after(first)

@@ -33,21 +33,17 @@ from m1_align.data.chat import prompt_ids
 from m1_align.logprobs import causal_lm_logprobs, pack_rows
 from m1_align.rewards.router import RewardRouter
 from m1_align.rl.algorithms import (
-    CRITIC_ESTIMATORS,
+    AdvantageInputs,
+    advantage_estimator,
     agg_loss,
     equal_reward_groups,
-    gae,
-    grpo_advantages,
     kl_penalty,
     masked_mean,
     overlong_penalty,
     policy_loss,
-    reinforce_pp_advantages,
-    rloo_advantages,
-    tis_weights,
+    rollout_correction,
     token_level_rewards,
     value_loss,
-    whiten,
 )
 from m1_align.rl.loop import OnlineLoop
 from m1_align.rollout.engine import Completion
@@ -145,18 +141,20 @@ class RolloutBatch:
     kl: torch.Tensor | None = None  # [N, R] per-token KL(pi_old || pi_ref) estimate
     mismatch: torch.Tensor | None = None  # [N, R] |trainer - engine| log-prob at temperature 1
     tis_weights: torch.Tensor | None = None  # [N, R] truncated importance weights, when ppo.tis_cap is set
+    correction: dict | None = None  # rates of the engine-mismatch correction (truncated, masked)
     advantages: torch.Tensor | None = None  # [N, R]
     returns: torch.Tensor | None = None  # [N, R], with a critic
-    loss_mask: torch.Tensor | None = None  # [N, R] the tokens the losses read
+    loss_mask: torch.Tensor | None = None  # [N, R] the tokens the losses read (truncated and masked IS excluded)
 
     def set_old_logprobs(self, old_logp: torch.Tensor, old_raw: torch.Tensor, p) -> None:
         """Old log-probs and what derives from them: the KL to the reference (no reference model kept: zero),
-        the engine mismatch and its importance weights."""
+        the engine mismatch and its correction (importance weights, tokens or responses masked out of the loss)."""
         self.old_logp, self.old_raw = old_logp, old_raw
         ref_logp = self.ref_logp if self.ref_logp is not None else old_logp
         self.kl = kl_penalty(old_logp, ref_logp, p.kl_estimator) * self.response_mask
         self.mismatch = (old_raw - self.engine_logp).abs() * self.response_mask
-        self.tis_weights = tis_weights(old_raw, self.engine_logp, p.tis_cap) if p.tis_cap else None
+        self.tis_weights, self.loss_mask, self.correction = rollout_correction(
+            old_raw, self.engine_logp, self.loss_mask, p.tis_cap, p.tis_level, p.mis_level, p.mis_low, p.mis_high)
 
 
 class PPOLoop(OnlineLoop):
@@ -165,11 +163,15 @@ class PPOLoop(OnlineLoop):
 
     @property
     def has_critic(self) -> bool:
-        return self.cfg.ppo.advantage_estimator in CRITIC_ESTIMATORS
+        return self.estimator.needs_critic
+
+    @property
+    def estimator(self):
+        return advantage_estimator(self.cfg.ppo.advantage_estimator)
 
     def setup(self) -> None:
         cfg, p = self.cfg, self.cfg.ppo
-        if p.advantage_estimator in ("grpo", "rloo") and p.samples_per_prompt < 2:
+        if self.estimator.needs_groups and p.samples_per_prompt < 2:
             raise ConfigError(f"ppo.advantage_estimator={p.advantage_estimator} compares the samples of a prompt: "
                               "set ppo.samples_per_prompt to 2 or more")
         self.rows = rl_rows(cfg)
@@ -283,6 +285,8 @@ class PPOLoop(OnlineLoop):
             truncated=torch.tensor([s.completion.finish_reason != "stop" for s in samples], device=self.device),
             on_policy=p.ppo_epochs == 1 and len(samples) <= self.minibatch_size and p.kl_coef == 0,
         )
+        # DAPO's overlong filtering: truncated responses teach nothing about how to end
+        batch.loss_mask = response_mask * (~batch.truncated[:, None]).float() if p.mask_truncated else response_mask
         with torch.no_grad():
             if not batch.on_policy:
                 batch.old_logp, _, batch.old_raw = response_logprobs(self.policy, ids, mask, start, temperature,
@@ -304,25 +308,15 @@ class PPOLoop(OnlineLoop):
         p = self.cfg.ppo
         kl = batch.kl if batch.kl is not None else torch.zeros_like(batch.response_mask)  # on-policy: kl_coef is 0
         token_rewards = token_level_rewards(batch.scores, kl, batch.response_mask, self.kl_ctl.coef)
-        mask, returns = batch.response_mask, None
-        if p.advantage_estimator == "gae":
-            advantages, returns = gae(token_rewards, batch.old_values, mask, p.gamma, p.lam)
-            if p.whiten_advantages:
-                advantages = whiten(advantages, mask, reduce_sum=self.reduce_sum)
-        elif p.advantage_estimator == "grpo":
-            advantages = grpo_advantages(batch.scores, batch.groups, mask, p.grpo_std_normalize)
-        elif p.advantage_estimator == "rloo":
-            advantages = rloo_advantages(batch.scores, batch.groups, mask)
-        else:
-            advantages = reinforce_pp_advantages(token_rewards, mask, p.gamma, reduce_sum=self.reduce_sum)
-        batch.advantages, batch.returns = advantages, returns
-        # DAPO's overlong filtering: truncated responses teach nothing about how to end
-        batch.loss_mask = mask * (~batch.truncated[:, None]).float() if p.mask_truncated else mask
+        batch.advantages, batch.returns = self.estimator(AdvantageInputs(
+            batch.scores, batch.groups, token_rewards, batch.response_mask, batch.old_values, p.gamma, p.lam,
+            p.whiten_advantages, p.grpo_std_normalize, reduce_sum=self.reduce_sum))
 
     def minibatch_losses(self, batch: RolloutBatch, rows: torch.Tensor) -> tuple[dict, dict]:
         """Every loss term of one minibatch, in one place: the clipped policy loss, the entropy bonus, the KL
         loss to the reference and the clipped value loss; and their statistics."""
-        p, max_length = self.cfg.ppo, self.cfg.rollout.max_new_tokens
+        p = self.cfg.ppo
+        max_length = p.loss_scale_factor or self.cfg.rollout.max_new_tokens  # L of the fixed-length normalisers
         logp, entropy, raw = response_logprobs(self.policy, batch.ids[rows], batch.mask[rows], batch.start,
                                                self.cfg.rollout.temperature or 1.0, with_entropy=True,
                                                with_raw=batch.on_policy, pack=self.pack)
@@ -337,7 +331,8 @@ class PPOLoop(OnlineLoop):
         ranks = self.rank_mean if self.world_size > 1 else None
         weights = None if batch.tis_weights is None else batch.tis_weights[rows]
         pg_loss, stats = policy_loss(logp, batch.old_logp[rows], batch.advantages[rows], m, p.clip_range,
-                                     p.clip_range_high or p.clip_range, p.loss_agg_mode, max_length, weights, ranks)
+                                     p.clip_range_high or p.clip_range, p.loss_agg_mode, max_length, weights, ranks,
+                                     p.clip_ratio_c)
         losses = {"policy": pg_loss}
         if p.entropy_coef:
             losses["policy"] = pg_loss - p.entropy_coef * agg_loss(entropy, m, p.loss_agg_mode, max_length, ranks)
@@ -372,7 +367,7 @@ class PPOLoop(OnlineLoop):
                     stats["ratio/first_minibatch_max_dev"] = [dev.item()]
                 for key, value in s.items():
                     stats.setdefault(key, []).append(value.item())
-                approx_kl = self.reduce_sum(s["approx_kl"]) / self.world_size  # every rank stops together
+                approx_kl = self.reduce_sum(s["approx_kl/k3"]) / self.world_size  # every rank stops together
                 if p.target_approx_kl is not None and approx_kl > p.target_approx_kl:
                     return {k: sum(v) / len(v) for k, v in stats.items() if v}, True
         return {k: sum(v) / len(v) for k, v in stats.items() if v}, False
@@ -403,6 +398,7 @@ class PPOLoop(OnlineLoop):
             "eos_rate": 1 - batch.truncated.float().mean().item(),
             "engine_mismatch/mean": masked_mean(batch.mismatch, mask).item(),
             "engine_mismatch/max": batch.mismatch.max().item(),
+            **{k: float(v) for k, v in (batch.correction or {}).items()},
         }
 
     # -- one step ------------------------------------------------------------------------------------
