@@ -89,7 +89,16 @@ def answer_format(text: str, gold: str | None = None) -> RuleScore:
     return RuleScore(float(answer is not None), answer, "final answer found" if answer else "no final answer found")
 
 
-RULES = {"mcq_letter": mcq_letter, "icd10_code": icd10_code, "exact_term": exact_term, "format": answer_format}
+def medcalc(text: str, gold: str) -> RuleScore:
+    """MedCalc-Bench's check (m1_align.data.medcalc.medcalc_score): scores exact, decimals within 5%, dates exact."""
+    # imported here, not at the top: rules stay importable without the data layer's imports
+    from m1_align.data.medcalc import medcalc_score
+
+    return medcalc_score(text, gold)
+
+
+RULES = {"mcq_letter": mcq_letter, "icd10_code": icd10_code, "exact_term": exact_term, "format": answer_format,
+         "medcalc": medcalc}
 
 
 def score(rule: str, text: str, gold: str) -> RuleScore:
