@@ -112,6 +112,38 @@ class ModelConfig(Section):
     _paths = field_validator("path", "tokenizer")(_check_path)
 
 
+class MedcalcData(Section):
+    """The medcalc task family: MedCalc-Bench's calculators on sampled patients (m1_align.data.medcalc)."""
+
+    train_per_calculator: int = Field(
+        200, ge=1, description="patients per trained calculator in each training split (sft, preference, rl), "
+        "each split its own patients"
+    )
+    eval_per_calculator: int = Field(
+        30, ge=1, description="held-out patients per calculator in each of the test and dev sides of the eval split"
+    )
+    heldout_calculators: list[str] = Field(
+        default_factory=lambda: list(_medcalc_default_heldout()),
+        description="calculators kept out of all training data: evaluated only, as the task medcalc_unseen",
+    )
+
+    @field_validator("heldout_calculators")
+    @classmethod
+    def _known_calculators(cls, value: list[str]) -> list[str]:
+        from m1_align.data.medcalc import CALCULATORS, check_calculators
+
+        check_calculators(value, "heldout_calculators")
+        if len(set(value)) == len(CALCULATORS):
+            raise ValueError("heldout_calculators holds every calculator: leave at least one to train on")
+        return value
+
+
+def _medcalc_default_heldout() -> tuple[str, ...]:
+    from m1_align.data.medcalc import DEFAULT_HELDOUT
+
+    return DEFAULT_HELDOUT
+
+
 class DataConfig(Section):
     builtin: bool = Field(True, description=(
         "Use the built offline medical datasets (m1_align.data) where no user file takes their place: held-out "
@@ -136,18 +168,24 @@ class DataConfig(Section):
     tasks: list[str] | None = Field(None, description=(
         "Train on these built tasks only (null: all); held-out evaluation always covers every task. RL stages "
         "use it to drop tasks the starting policy never solves: their groups carry no signal."))
+    medcalc: MedcalcData | None = Field(
+        None, description="add the medcalc task family (MedCalc-Bench calculators; pip install medcalc-bench) to "
+        "the built data; null: the build is exactly what it is without it"
+    )
 
     _paths = field_validator("cache_dir", "train_file", "eval_file", "answer_eval_file")(_check_path)
 
     @field_validator("tasks")
     @classmethod
     def _known_tasks(cls, value: list[str] | None) -> list[str] | None:
+        from m1_align.data.medcalc import TASKS as MEDCALC_TASKS
         from m1_align.data.tasks import TASKS
 
+        known = [*TASKS, *MEDCALC_TASKS]
         if value is not None:
-            unknown = [t for t in value if t not in TASKS]
+            unknown = [t for t in value if t not in known]
             if unknown or not value:
-                raise ValueError(f"unknown task(s) {unknown or '[]'}; choose from {sorted(TASKS)} (or null for all)")
+                raise ValueError(f"unknown task(s) {unknown or '[]'}; choose from {sorted(known)} (or null for all)")
         return value
 
 

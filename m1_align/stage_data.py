@@ -93,7 +93,9 @@ def eval_rows(cfg: StageConfig, limit: int | None = None, split: str = "test") -
         return []
     if split not in ("test", "dev"):
         raise ValueError(f"unknown held-out split {split!r}; expected test or dev")
-    return limit_per_task(rows, limit, from_end=split == "dev")
+    # rows that name their side (the medcalc family) are split by it: test and dev never share a patient
+    sided = [r for r in rows if r.get("heldout") == split]
+    return limit_per_task([r for r in rows if "heldout" not in r], limit, from_end=split == "dev") + limit_per_task(sided, limit)
 
 
 def rl_rows(cfg: StageConfig) -> list[dict[str, Any]]:

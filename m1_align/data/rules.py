@@ -6,6 +6,7 @@ Every rule first finds the final answer in free text (the last `Answer:` line, o
 
 from __future__ import annotations
 
+import math
 import re
 import string
 from dataclasses import dataclass
@@ -89,7 +90,79 @@ def answer_format(text: str, gold: str | None = None) -> RuleScore:
     return RuleScore(float(answer is not None), answer, "final answer found" if answer else "no final answer found")
 
 
-RULES = {"mcq_letter": mcq_letter, "icd10_code": icd10_code, "exact_term": exact_term, "format": answer_format}
+DECIMAL_TOLERANCE = 0.05  # MedCalc-Bench's lower/upper limits: 95% and 105% of the gold
+# ---------------------------------------------------------------------------------------------
+# MedCalc-Bench's check (the medcalc task family, m1_align.data.medcalc)
+# ---------------------------------------------------------------------------------------------
+
+_DATE = re.compile(r"(\d{1,2})/(\d{1,2})/(\d{4})")
+# two numbers with a separator between them ("16 weeks, 1 day", "(16, 1)", "16 wk 1 d"), never "16" read as (1, 6)
+_WEEKS_DAYS = re.compile(r"(\d+)\s*(?:(?:weeks?|wks?)\s*(?:,|and)?|,|and)\s*(\d+)", re.IGNORECASE)
+_NUMBER = re.compile(r"-?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?|-?\.\d+")
+
+
+def gold_output_type(gold: str) -> str:
+    """How a gold is scored, read from how it is written (see format_gold)."""
+    gold = gold.strip()
+    if re.fullmatch(r"\d{2}/\d{2}/\d{4}", gold):
+        return "date"
+    if re.fullmatch(r"\(\d+, \d+\)", gold):
+        return "weeks_days"
+    if re.fullmatch(r"-?\d+", gold):
+        return "integer"
+    if re.fullmatch(r"-?\d+\.\d+(?:e-?\d+)?", gold):
+        return "decimal"
+    raise ValueError(f"medcalc gold {gold!r} is not an integer, a decimal, MM/DD/YYYY or (weeks, days)")
+
+
+def medcalc_score(text: str, gold: str, tolerance: float = DECIMAL_TOLERANCE):
+    """MedCalc-Bench's correctness check on the model's last `Answer:` line.
+
+    As in the benchmark's evaluation (evaluation/run.py, check_correctness with the dataset's limits):
+    integer outputs (rule-based scores and counts) are correct when the answer rounded to an integer equals
+    the gold; decimal outputs when the answer lies within [lower, upper] = 95%-105% of the gold (inclusive);
+    dates (MM/DD/YYYY, leading zeros optional) and (weeks, days) gestational ages when they are equal.
+    The benchmark takes the last number of a free-text answer; we ask for the number alone and take the
+    first number on the answer line, so units after it ("62.9 mL/min/1.73 m²") never stand in for it.
+    """
+    output = gold_output_type(gold)
+    answer = final_answer(text)
+    if answer is None:
+        return RuleScore(0.0, None, "no final answer found")
+    if output == "date":
+        found = _DATE.search(answer)
+        if not found:
+            return RuleScore(0.0, answer, "no MM/DD/YYYY date in the final answer")
+        parsed = tuple(int(x) for x in found.groups())
+        ok = parsed == tuple(int(x) for x in _DATE.fullmatch(gold.strip()).groups())
+        return RuleScore(float(ok), found.group(0), f"date {'matches' if ok else 'differs from'} gold {gold}")
+    if output == "weeks_days":
+        found = _WEEKS_DAYS.search(answer)
+        if not found:
+            return RuleScore(0.0, answer, "no (weeks, days) in the final answer")
+        parsed = (int(found.group(1)), int(found.group(2)))
+        ok = f"({parsed[0]}, {parsed[1]})" == gold.strip()
+        return RuleScore(float(ok), f"({parsed[0]}, {parsed[1]})", f"(weeks, days) {'match' if ok else 'differ from'} gold {gold}")
+    found = _NUMBER.search(answer)
+    if not found:
+        return RuleScore(0.0, answer, "no number in the final answer")
+    value = float(found.group(0).replace(",", ""))
+    if not math.isfinite(value):
+        return RuleScore(0.0, found.group(0), "the final answer is not a finite number")
+    if output == "integer":
+        ok = round(value) == int(gold)
+        return RuleScore(float(ok), found.group(0), f"{round(value)} {'equals' if ok else 'differs from'} gold {gold}")
+    target = float(gold)
+    lower, upper = sorted((target * (1 - tolerance), target * (1 + tolerance)))
+    ok = lower <= value <= upper
+    return RuleScore(
+        float(ok), found.group(0),
+        f"{value:g} {'within' if ok else 'outside'} [{lower:g}, {upper:g}] ({tolerance:.0%} of gold {gold})",
+    )
+
+
+RULES = {"mcq_letter": mcq_letter, "icd10_code": icd10_code, "exact_term": exact_term, "format": answer_format,
+         "medcalc": medcalc_score}
 
 
 def score(rule: str, text: str, gold: str) -> RuleScore:

@@ -16,7 +16,7 @@ from typing import Any
 import yaml
 
 from m1_align.config import DataConfig
-from m1_align.data.build import build_dir_name, read_manifest
+from m1_align.data.build import build_dir, read_manifest
 from m1_align.runs import atomic_write_text, read_metrics
 
 STAGE_ORDER = ("base", "pretrain", "sft", "elo", "tdpo", "rm", "ppo", "grpo")  # base: a pretrained starting model
@@ -175,9 +175,7 @@ def find_data_dir(run_dir: Path, stages: list[str]) -> Path | None:
             if "data" in section or "model" in section:
                 data = DataConfig.model_validate(section.get("data") or {})
                 if data.builtin:
-                    return Path(data.cache_dir) / build_dir_name(
-                        data.seed, data.max_per_task, data.eval_per_task
-                    )
+                    return build_dir(data)
     return None
 
 
