@@ -25,7 +25,8 @@ PIPELINE_HELP = "pretrain -> SFT -> ELO -> TDPO -> RM -> PPO / GRPO, evaluated a
 
 # Raised for bad input (paths, data files, finished outputs, missing data packages), not for bugs.
 USER_ERRORS = {"OutputExistsError", "OutputDirError", "ModelPathError", "DataError", "MissingSourceError", "LeakError",
-               "UserInputError", "GGUFImportError", "DivergedError", "IncompleteCheckpointError"}
+               "UserInputError", "GGUFImportError", "DivergedError", "IncompleteCheckpointError", "AdapterError",
+               "StaleWeightsError"}
 DISK_FULL = ("No space left on device", "os error 28", "Disk quota exceeded")
 # what torch's and safetensors' writers say when a write fails half-way; a full disk if the disk is full
 WRITE_FAILED = ("file write failed", "iostream error", "unexpected pos")

@@ -535,6 +535,18 @@ class PPOConfig(StageConfig):
         "What scores a response: the rule that checks a verifiable answer, the learned reward model, or both."))
     rollout: RolloutConfig = Field(RolloutConfig(), description="Sampling of the responses.")
 
+    @model_validator(mode="after")
+    def _correction_at_the_sampled_distribution(self):
+        # the engines return temperature-1 log-probs (the probe's and the logs'); they are those of the
+        # distribution that was sampled only at temperature 1 without top-p, and an importance ratio
+        # between other distributions would correct for the wrong thing
+        p, r = self.ppo, self.rollout
+        if (p.tis_cap is not None or p.mis_level != "off") and (r.temperature != 1.0 or r.top_p != 1.0):
+            raise ValueError(f"ppo.tis_cap / ppo.mis_level correct the engine's sampled distribution, known here only "
+                             f"at rollout.temperature=1 and rollout.top_p=1 (got {r.temperature}, {r.top_p}): set "
+                             "both to 1, or turn the correction off (ppo.tis_cap=null ppo.mis_level=off)")
+        return self
+
 
 GRPO_DEFAULTS = {"advantage_estimator": "grpo", "samples_per_prompt": 4, "kl_coef": 0.0, "kl_loss_coef": 0.01,
                  "ppo_epochs": 1, "minibatch_size": 16}

@@ -264,6 +264,30 @@ def _init_deepspeed_comm() -> None:
             deepspeed.init_distributed()
 
 
+def check_adapter(model, where: str) -> None:
+    """A LoRA model must carry a non-empty adapter with at least one LoRA layer in use: users of peft and of
+    other RL toolkits have trained for weeks with an adapter that was empty or never loaded, looking like a
+    run that merely learnt slowly. Raises AdapterError; a model without adapters passes."""
+    from peft import PeftModel, get_peft_model_state_dict
+    from peft.tuners.lora import LoraLayer
+
+    if not isinstance(model, PeftModel):
+        return
+    state = get_peft_model_state_dict(model)
+    if not any(".lora_" in name for name in state):
+        raise AdapterError(f"{where}: the LoRA adapter holds no weights ({len(state)} tensors, no lora_A/lora_B); "
+                           "check model.lora.target_modules against the model's module names")
+    active = [m for m in model.modules() if isinstance(m, LoraLayer) and not m.disable_adapters
+              and any(a in m.lora_A for a in m.active_adapters)]
+    if not active:
+        raise AdapterError(f"{where}: no LoRA layer is active (adapters disabled or another adapter selected); "
+                           "the engine would sample from the base model")
+
+
+class AdapterError(RuntimeError):
+    """A LoRA adapter that is empty or not in use, found before it is saved or pushed to an engine."""
+
+
 def peft_config(lora: LoraConfig, task_type: str = "CAUSAL_LM"):
     from peft import LoraConfig as PeftLoraConfig
 
@@ -416,6 +440,7 @@ def save_final(trainer, tokenizer, cfg: StageConfig, output_dir: Path) -> Path:
     if not trainer.is_world_process_zero():
         return final
     model = trainer.model
+    check_adapter(getattr(model, "module", model), f"saving {final}")
     (tmp / "training_args.bin").unlink(missing_ok=True)  # a pickle; the config that made the model is the YAML below
     if cfg.model.lora.enabled and cfg.model.lora.merge_on_save and hasattr(model, "merge_and_unload"):
         atomic_replace_dir(tmp, output_dir / "adapter")

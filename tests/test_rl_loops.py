@@ -153,3 +153,58 @@ def test_elo_gradient_is_eq3_plus_the_pathwise_term(data_cache, tiny_model_dir, 
     assert captured.keys() == expected.keys()
     for name, grad in expected.items():
         assert torch.allclose(captured[name], grad, atol=1e-6, rtol=1e-4), name
+
+
+def tiny_lora_llama():
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=1)
+    return get_peft_model(LlamaForCausalLM(config), LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))
+
+
+def test_an_empty_or_inactive_adapter_fails_loudly_on_save_and_sync():
+    from m1_align.rollout.weights import merged_state_dict
+    from m1_align.training import AdapterError, check_adapter
+
+    model = tiny_lora_llama()
+    check_adapter(model, "fine")
+    model.base_model.disable_adapter_layers()  # the engine would get the base model's weights
+    with pytest.raises(AdapterError, match="no LoRA layer is active"):
+        merged_state_dict(model)
+    model.base_model.enable_adapter_layers()
+    for module in model.modules():  # an adapter that was never loaded: no LoRA factors at all
+        for factors in ("lora_A", "lora_B"):
+            if "default" in getattr(module, factors, {}):
+                del getattr(module, factors)["default"]
+    with pytest.raises(AdapterError, match="holds no weights"):
+        check_adapter(model, "saving runs/x/adapter")
+
+
+def test_a_sync_of_unchanged_weights_after_a_real_step_fails_loudly():
+    from m1_align.rl.loop import OnlineLoop
+    from m1_align.rollout.engine import StaleWeightsError
+
+    loop = OnlineLoop(cfg=None)
+    model = tiny_lora_llama()
+    loop.check_weights_moved(model)  # the first sync has nothing to compare with
+    loop.check_weights_moved(model)  # no optimiser step in between (lr 0 under warm-up, or no gradient): fine
+    loop.stepped_since_sync = (1e-4, 0.5)
+    with pytest.raises(StaleWeightsError, match="did not change since the last sync"):
+        loop.check_weights_moved(model)
+    loop.stepped_since_sync = (1e-4, 0.5)
+    with torch.no_grad():
+        next(p for p in model.parameters() if p.requires_grad).add_(1e-3)
+    loop.check_weights_moved(model)
+
+
+def test_mismatch_correction_needs_the_sampled_distribution():
+    from m1_align.config import ConfigError
+
+    with pytest.raises(ConfigError, match="rollout.temperature=1 and rollout.top_p=1"):
+        validate(PPOConfig, {"ppo": {"tis_cap": 2.0}, "rollout": {"temperature": 0.7}}, "test")
+    with pytest.raises(ConfigError, match="rollout.temperature=1 and rollout.top_p=1"):
+        validate(PPOConfig, {"ppo": {"mis_level": "sequence"}, "rollout": {"top_p": 0.9}}, "test")
+    validate(PPOConfig, {"ppo": {"tis_cap": 2.0, "mis_level": "token"}}, "test")

@@ -34,7 +34,7 @@ from m1_align.data.chat import prompt_ids
 from m1_align.logprobs import packing_agrees
 from m1_align.rewards.verifiable import verifiable_sets
 from m1_align.rl.checkpoint import CHECKPOINT_DIR, load_loop_state, load_optimizers, save_loop_state
-from m1_align.rollout.engine import SamplingSettings
+from m1_align.rollout.engine import SamplingSettings, StaleWeightsError
 from m1_align.rollout.factory import engine_kind, stage_engine
 from m1_align.runs import (
     DivergedError,
@@ -45,6 +45,7 @@ from m1_align.runs import (
     prepare_output_dir,
 )
 from m1_align.training import (
+    check_adapter,
     check_inputs,
     compute_dtype,
     load_model,
@@ -101,6 +102,8 @@ class OnlineLoop:
         self.needs_reference = needs_reference
         self.last_eval_completions: list[list[int]] = []
         self.current_step = 0
+        # (learning rate, grad norm) of an optimiser step that must have moved the policy since the last sync
+        self.stepped_since_sync: tuple[float, float] | None = None
 
     # -- to be written by the algorithm ------------------------------------------------------
     def setup(self) -> None: ...
@@ -182,10 +185,27 @@ class OnlineLoop:
         of sampling the next batch from old weights. Returns the largest probe difference over the ranks (per token
         for an fp32 engine, the mean for a 16-bit one: check_probe)."""
         policy = self.accelerator.unwrap_model(self.policy)
+        check_adapter(policy, "weight sync")
         with self.full_weights("policy"):
+            self.check_weights_moved(policy)
             self.engine.update_weights(policy)
         diff = self.engine.verify_weights(policy, probe_ids)
         return max(gather_object([diff])) if self.world_size > 1 else diff
+
+    def check_weights_moved(self, policy) -> None:
+        """The trained weights must differ from those of the last sync once an optimiser step with a learning
+        rate and a gradient ran in between; otherwise the engine is handed the same weights again (a frozen or
+        detached adapter, an optimiser over other tensors) and the run only looks stale. StaleWeightsError."""
+        # fp32 weights only: a small step can round away entirely in 16-bit weights
+        trained = [p for p in policy.parameters() if p.requires_grad and p.dtype == torch.float32]
+        fingerprint = torch.stack([p.detach().sum() for p in trained] or [torch.zeros(())]).cpu()
+        previous, self._fingerprint = getattr(self, "_fingerprint", None), fingerprint
+        stepped, self.stepped_since_sync = self.stepped_since_sync, None
+        if previous is not None and trained and stepped and torch.equal(previous, fingerprint):
+            lr, norm = stepped
+            raise StaleWeightsError(f"step {self.current_step + 1}: the policy's trained weights did not change since the "
+                                    f"last sync although the optimiser stepped (lr {lr:.2e}, grad norm {norm:.3g}): its "
+                                    "parameters are not the ones the engine is given; check the LoRA adapter setup")
 
     def full_weights(self, name: str):
         """Under ZeRO-3, gather a model's partitioned weights on every rank for the duration of the block."""
@@ -208,6 +228,7 @@ class OnlineLoop:
                 part.engine.backward(loss)
             else:
                 self.accelerator.backward(loss)
+        lr = self.trainables["policy"].optimizer.param_groups[0]["lr"]  # what this step moves the policy by
         norms = []
         for name in losses:
             part = self.trainables[name]
@@ -221,6 +242,8 @@ class OnlineLoop:
                 part.optimizer.step()
                 part.optimizer.zero_grad(set_to_none=True)
             part.scheduler.step()
+        if lr > 0 and norms[0] > 0:
+            self.stepped_since_sync = (lr, norms[0])
         return norms[0]
 
     def prompt_batch(self, step: int, per_step: int) -> list[dict]:
@@ -350,6 +373,7 @@ class OnlineLoop:
         return state["step"]
 
     def save_checkpoint(self, step: int) -> None:
+        check_adapter(self.accelerator.unwrap_model(self.policy), f"checkpoint at step {step}")
         plain = {name: part for name, part in self.trainables.items() if part.engine is None}
         state = {"schedulers": {name: part.scheduler.state_dict() for name, part in self.trainables.items()}, **self.extra_state()}
         save_loop_state(
@@ -372,6 +396,7 @@ class OnlineLoop:
             if not self.is_main:
                 return
             if self.cfg.model.lora.enabled:
+                check_adapter(model, f"saving {self.output_dir / 'adapter'}")
                 model.save_pretrained(str(self.output_dir / ".adapter.tmp"), safe_serialization=True)
                 atomic_replace_dir(self.output_dir / ".adapter.tmp", self.output_dir / "adapter")
                 model = model.merge_and_unload() if self.cfg.model.lora.merge_on_save else model

@@ -9,6 +9,7 @@ from typing import Any
 import torch
 
 from m1_align.rollout.engine import StaleWeightsError
+from m1_align.training import check_adapter
 
 
 def merged_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -21,6 +22,7 @@ def merged_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
     if not isinstance(model, PeftModel):
         return {name: tensor.detach() for name, tensor in model.state_dict().items()}
+    check_adapter(model, "merging the adapter for the engine")
 
     base = model.get_base_model()
     deltas = {}  # module name -> W_delta
