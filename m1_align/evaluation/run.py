@@ -22,7 +22,7 @@ from m1_align.data.build import read_split_rows
 from m1_align.data.chat import prompt_ids
 from m1_align.data.sampling import take_balanced
 from m1_align.evaluation import benchmarks
-from m1_align.rewards import verifiable
+from m1_align.rewards.verifiable import hf_generator, verifiable_sets
 from m1_align.runs import RESULT_FILE, StageResult, atomic_write_json, atomic_write_text, prepare_output_dir
 from m1_align.stage_data import built_dir, eval_rows
 from m1_align.training import (
@@ -72,7 +72,7 @@ def make_generator(cfg: EvalConfig, model, tokenizer, model_dir: Path | None = N
     loadable = model_dir is not None and (Path(model_dir) / "config.json").is_file()  # not a bare LoRA adapter
     kind = cfg.rollout.engine if cfg.rollout.engine != "auto" else ("vllm" if loadable and vllm_available() else "hf")
     if kind == "hf":
-        return verifiable.hf_generator(model, tokenizer, cfg.eval.max_new_tokens, cfg.eval.batch_size), lambda: None
+        return hf_generator(model, tokenizer, cfg.eval.max_new_tokens, cfg.eval.batch_size), lambda: None
     if model_dir is None:
         raise ConfigError("rollout.engine=vllm needs a model folder to load")
     engine = make_engine("vllm", model_dir=str(model_dir), tokenizer=tokenizer, dtype=str(next(model.parameters()).dtype).removeprefix("torch."),
@@ -132,7 +132,7 @@ def _benchmarks(cfg: EvalConfig, model, tokenizer, generate) -> tuple[dict[str, 
         lap("mmlu_medical")
     verifiable = eval_rows(cfg, cfg.eval.limit, cfg.eval.split) if cfg.eval.verifiable_sets else []
     if verifiable:
-        found, rows = verifiable.verifiable_sets(verifiable, generate)
+        found, rows = verifiable_sets(verifiable, generate)
         metrics.update(found)
         lap("verifiable")
         metrics.update(benchmarks.gold_answer_logprobs(model, tokenizer, verifiable, [r["completion"] for r in rows], cfg.eval.batch_size))
