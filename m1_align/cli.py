@@ -73,25 +73,14 @@ def _add_config_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--print-config", action="store_true", help=PRINT_CONFIG_HELP)
 
 
-def _add_eval_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "inputs",
-        nargs="*",
-        metavar="[MODEL_PATH] [CONFIG] [key=value ...]",
-        help="a model folder, stage output or run dir (sets model.path), a YAML config, overrides",
-    )
-    parser.add_argument("--print-config", action="store_true", help=PRINT_CONFIG_HELP)
-
-
-def _add_rm_eval_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "inputs",
-        nargs="*",
-        metavar="[MODEL_PATH|CONFIG] [key=value ...]",
-        help="a reward model folder or finished rm stage (sets model.path), or a YAML config; then overrides",
-    )
-    parser.add_argument("--data", help="pairs to score: JSONL, Parquet or a datasets folder (sets data.eval_file)")
-    parser.add_argument("--output", help="report folder (sets output_dir)")
+def _add_model_first_args(parser: argparse.ArgumentParser, reward_model: bool) -> None:
+    """eval and rm-eval: a model folder first (sets model.path), then a config, then overrides."""
+    what = "a reward model folder or finished rm stage" if reward_model else "a model folder, stage output or run dir"
+    parser.add_argument("inputs", nargs="*", metavar="[MODEL_PATH] [CONFIG] [key=value ...]",
+                        help=f"{what} (sets model.path), a YAML config, overrides")
+    if reward_model:
+        parser.add_argument("--data", help="pairs to score: JSONL, Parquet or a datasets folder (sets data.eval_file)")
+        parser.add_argument("--output", help="report folder (sets output_dir)")
     parser.add_argument("--print-config", action="store_true", help=PRINT_CONFIG_HELP)
 
 
@@ -108,10 +97,8 @@ def build_parser() -> argparse.ArgumentParser:
     for name, help_text in commands.items():
         stage = sub.add_parser(name, help=help_text, description=help_text, epilog=settings_help(SCHEMAS[name]),
                                **documented)
-        if name == "eval":
-            _add_eval_args(stage)
-        elif name == "rm-eval":
-            _add_rm_eval_args(stage)
+        if name in ("eval", "rm-eval"):
+            _add_model_first_args(stage, reward_model=name == "rm-eval")
         else:
             _add_config_args(stage)
         if name == "pipeline":

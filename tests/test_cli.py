@@ -84,7 +84,7 @@ def test_stage_help_lists_every_setting_by_section(capsys):
     sections = [line.split(":")[0] for line in out.split("\nsettings:")[1].splitlines()
                 if line and not line.startswith(" ") and ":" in line]
     assert sections == ["top level", "model", "model.lora", "data", "train", "ppo", "reward", "rollout"]
-    for entry in ("\n  ppo.advantage_estimator={gae,grpo,rloo,reinforce_pp}\n", "\n  ppo.kl_coef=FLOAT >= 0\n",
+    for entry in ("\n  ppo.advantage_estimator={gae,grpo,dr_grpo,rloo,reinforce_pp,reinforce_pp_baseline}\n", "\n  ppo.kl_coef=FLOAT >= 0\n",
                   "\n  train.learning_rate=FLOAT > 0\n", "\n  rollout.temperature=FLOAT >= 0\n"):
         assert entry in out
     gamma = out[out.index("\n  ppo.gamma=") :].split("\n  ppo.")[1]

@@ -49,6 +49,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -227,24 +228,39 @@ Estimate = tuple[torch.Tensor, torch.Tensor | None]
 class AdvantageEstimator:
     name: str
     fn: Callable[[AdvantageInputs], Estimate]
-    needs_critic: bool  # returns value targets; the loop trains a critic
-    needs_groups: bool  # compares the samples of a prompt: ppo.samples_per_prompt >= 2
+    needs_critic: bool = False  # returns value targets; the loop trains a critic
+    needs_groups: bool = False  # compares the samples of a prompt: ppo.samples_per_prompt >= 2
 
     def __call__(self, inputs: AdvantageInputs) -> Estimate:
         return self.fn(inputs)
 
 
-_ADVANTAGE_ESTIMATORS: dict[str, AdvantageEstimator] = {}
+class Registry(dict):
+    """Entries by their paper's name (verl's register_adv_est / agg_loss): registered once, and an unknown
+    name is a one-line error that lists the registered ones."""
+
+    def __init__(self, what: str, entry: Callable[..., Any] = lambda name, fn: fn):
+        super().__init__()
+        self.what, self.entry = what, entry
+
+    def register(self, name: str, **properties):
+        """Decorator: register the function under `name` (with the entry's properties, e.g. needs_critic)."""
+        def decorate(fn):
+            if name in self:
+                raise ValueError(f"{self.what} {name} is registered twice")
+            self[name] = self.entry(name, fn, **properties)
+            return fn
+
+        return decorate
+
+    def lookup(self, name: str):
+        if name not in self:
+            raise ValueError(f"unknown {self.what} {name!r}; registered: {', '.join(self)}")
+        return self[name]
 
 
-def register_advantage_estimator(name: str, needs_critic: bool = False, needs_groups: bool = False):
-    def register(fn: Callable[[AdvantageInputs], Estimate]):
-        if name in _ADVANTAGE_ESTIMATORS:
-            raise ValueError(f"advantage estimator {name} is registered twice")
-        _ADVANTAGE_ESTIMATORS[name] = AdvantageEstimator(name, fn, needs_critic, needs_groups)
-        return fn
-
-    return register
+_ADVANTAGE_ESTIMATORS = Registry("advantage estimator", AdvantageEstimator)
+register_advantage_estimator = _ADVANTAGE_ESTIMATORS.register
 
 
 def advantage_estimators() -> tuple[str, ...]:
@@ -252,9 +268,7 @@ def advantage_estimators() -> tuple[str, ...]:
 
 
 def advantage_estimator(name: str) -> AdvantageEstimator:
-    if name not in _ADVANTAGE_ESTIMATORS:
-        raise ValueError(f"unknown advantage estimator {name!r}; registered: {', '.join(_ADVANTAGE_ESTIMATORS)}")
-    return _ADVANTAGE_ESTIMATORS[name]
+    return _ADVANTAGE_ESTIMATORS.lookup(name)
 
 
 @register_advantage_estimator("gae", needs_critic=True)
@@ -292,7 +306,6 @@ def _reinforce_pp_baseline(x: AdvantageInputs) -> Estimate:
 
 
 # what rl/ppo.py imports today; `advantage_estimator(name).needs_critic` replaces it
-CRITIC_ESTIMATORS = tuple(e.name for e in _ADVANTAGE_ESTIMATORS.values() if e.needs_critic)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -301,17 +314,8 @@ CRITIC_ESTIMATORS = tuple(e.name for e in _ADVANTAGE_ESTIMATORS.values() if e.ne
 
 # every aggregation: (per-token losses [N, R], mask [N, R], fixed length L or None, mean_over_ranks or None) -> scalar
 Aggregation = Callable[..., torch.Tensor]
-_LOSS_AGGREGATIONS: dict[str, Aggregation] = {}
-
-
-def register_loss_aggregation(name: str):
-    def register(fn: Aggregation) -> Aggregation:
-        if name in _LOSS_AGGREGATIONS:
-            raise ValueError(f"loss aggregation {name} is registered twice")
-        _LOSS_AGGREGATIONS[name] = fn
-        return fn
-
-    return register
+_LOSS_AGGREGATIONS = Registry("loss aggregation")
+register_loss_aggregation = _LOSS_AGGREGATIONS.register
 
 
 def loss_aggregations() -> tuple[str, ...]:
@@ -319,9 +323,7 @@ def loss_aggregations() -> tuple[str, ...]:
 
 
 def loss_aggregation(name: str) -> Aggregation:
-    if name not in _LOSS_AGGREGATIONS:
-        raise ValueError(f"unknown loss aggregation {name!r}; registered: {', '.join(_LOSS_AGGREGATIONS)}")
-    return _LOSS_AGGREGATIONS[name]
+    return _LOSS_AGGREGATIONS.lookup(name)
 
 
 def _count(count: torch.Tensor, mean_over_ranks) -> torch.Tensor:
