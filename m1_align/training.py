@@ -88,6 +88,33 @@ def check_model_dir(path: Path) -> None:
 # the shape of a stage's user data files (data.train_file / data.eval_file); answer_eval_file is always "rl"
 DATA_KIND = {"SFTConfig": "sft", "TDPOConfig": "preference", "RMConfig": "preference", "ELOConfig": "rl",
              "PPOConfig": "rl", "GRPOConfig": "rl"}
+# tdpo.pairs=on_policy samples its pairs from questions: its train_file is read as rl rows (stage_data.rl_rows)
+ON_POLICY_HINT = ("tdpo.pairs=on_policy samples its pairs from these questions (keys prompt, answer[, rule]); "
+                  "for written pairs (prompt, chosen, rejected) set tdpo.pairs=built")
+
+
+def data_kind(cfg: StageConfig, name: str) -> str | None:
+    """The shape in which a stage reads its data file `name` (a DataConfig field), None where it reads none."""
+    if name == "answer_eval_file":
+        return "rl"
+    if name == "train_file" and getattr(getattr(cfg, "tdpo", None), "pairs", None) == "on_policy":
+        return "rl"
+    return DATA_KIND.get(type(cfg).__name__)
+
+
+def check_data_files(cfg: StageConfig) -> None:
+    """Each user data file read as the stage will read it; a DataError names the field it came from."""
+    from m1_align.data.user_data import DataError, load_user_data
+
+    for name in ("train_file", "eval_file", "answer_eval_file"):
+        path, kind = getattr(cfg.data, name), data_kind(cfg, name)
+        if not (path and kind):
+            continue
+        try:
+            load_user_data(path, kind)
+        except DataError as e:
+            on_policy = name == "train_file" and kind == "rl" and type(cfg).__name__ == "TDPOConfig"
+            raise DataError(f"data.{name}: {e}" + (f" ({ON_POLICY_HINT})" if on_policy else "")) from None
 
 
 def check_inputs(cfg: StageConfig) -> None:
@@ -99,13 +126,7 @@ def check_inputs(cfg: StageConfig) -> None:
     reward_model = getattr(getattr(cfg, "reward", None), "model", None)
     if reward_model:
         resolve_model_dir(reward_model)
-    from m1_align.data.user_data import load_user_data
-
-    kind = DATA_KIND.get(type(cfg).__name__)
-    for name in ("train_file", "eval_file", "answer_eval_file"):
-        path = getattr(cfg.data, name)
-        if path and (kind or name == "answer_eval_file"):
-            load_user_data(path, "rl" if name == "answer_eval_file" else kind)
+    check_data_files(cfg)
     if cfg.train.deepspeed:
         source = Path(cfg.train.deepspeed)
         try:

@@ -133,6 +133,11 @@ def pairs_all_degenerate(tmp, good):
     return ["tdpo", *sft(tmp, good, f"data.train_file={jsonl(tmp / 'p.jsonl', rows)}")[1:]]
 
 
+def pairs_for_on_policy(tmp, good):
+    rows = [{"prompt": "What does CKD stand for?", "chosen": "Chronic kidney disease", "rejected": "Coronary kidney disease"}]
+    return ["tdpo", *sft(tmp, good, "tdpo.pairs=on_policy", f"data.train_file={jsonl(tmp / 'p.jsonl', rows)}")[1:]]
+
+
 def unknown_rule(tmp, good):
     rows = [{"prompt": "ICD-10 code for essential hypertension?", "answer": "I10", "rule": "icd10"}]
     return ["grpo", *sft(tmp, good, f"data.train_file={jsonl(tmp / 'r.jsonl', rows)}")[1:]]
@@ -164,6 +169,8 @@ CASES = [
     Case(output_under_a_file, r"output_dir .*afile/run cannot be written"),
     Case(data_not_utf8, r"d\.jsonl: not UTF-8 text .*save the file as UTF-8"),
     Case(pairs_all_degenerate, r"p\.jsonl: every row is degenerate \(1 with chosen == rejected, 1 with an empty response\)"),
+    Case(pairs_for_on_policy, r"^error: data\.train_file: p\.jsonl line 1: missing key answer; expected .*keys prompt, "
+                              r"answer \(tdpo\.pairs=on_policy samples .* set tdpo\.pairs=built\)$"),
     Case(unknown_rule, r"r\.jsonl line 1: unknown rule 'icd10' \(known: mcq_letter, icd10_code"),
     Case(deepspeed_config_missing, r"train\.deepspeed: .*zero9\.json not found"),
 ]
