@@ -10,6 +10,7 @@ import math
 import shutil
 import sys
 import time
+from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 
@@ -103,7 +104,7 @@ def data_kind(cfg: StageConfig, name: str) -> str | None:
 
 
 def check_data_files(cfg: StageConfig) -> None:
-    """Each user data file read as the stage will read it; a DataError names the field it came from."""
+    """Each user data file read as the stage will read it; the DataError names the field (also as `.field`)."""
     from m1_align.data.user_data import DataError, load_user_data
 
     for name in ("train_file", "eval_file", "answer_eval_file"):
@@ -114,17 +115,22 @@ def check_data_files(cfg: StageConfig) -> None:
             load_user_data(path, kind)
         except DataError as e:
             on_policy = name == "train_file" and kind == "rl" and type(cfg).__name__ == "TDPOConfig"
-            raise DataError(f"data.{name}: {e}" + (f" ({ON_POLICY_HINT})" if on_policy else "")) from None
+            error = DataError(f"data.{name}: {e}" + (f" ({ON_POLICY_HINT})" if on_policy else ""))
+            error.field = name
+            raise error from None
 
 
-def check_inputs(cfg: StageConfig) -> None:
+def check_inputs(cfg: StageConfig, made_here: Collection[str] = ()) -> None:
     """Everything a stage reads, checked before its output folder is touched: a typo fails in seconds with
     one line and leaves a finished run where it was. Model folders (and the reward model), the tokenizer,
-    user data files (shape, encoding, rule names, degenerate rows), the DeepSpeed config."""
-    if cfg.model.path and cfg.model.path != "previous":
+    user data files (shape, encoding, rule names, degenerate rows), the DeepSpeed config. `made_here`: the
+    output folders that earlier stages of the same pipeline run write before this stage starts; a model
+    there does not exist yet and is not looked for."""
+    later = {Path(p) for p in made_here}
+    if cfg.model.path and cfg.model.path != "previous" and Path(cfg.model.path) not in later:
         require_tokenizer(Path(cfg.model.tokenizer or resolve_model_dir(cfg.model.path)))
     reward_model = getattr(getattr(cfg, "reward", None), "model", None)
-    if reward_model:
+    if reward_model and Path(reward_model) not in later:
         resolve_model_dir(reward_model)
     check_data_files(cfg)
     if cfg.train.deepspeed:
