@@ -172,7 +172,14 @@ def _run_data(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    # argparse takes positionals only before the first option: overrides after `--only sft` come back unparsed
+    args, rest = parser.parse_known_args(argv)
+    positional = "overrides" if hasattr(args, "overrides") else "inputs"
+    if rest and (any(a.startswith("-") for a in rest) or not hasattr(args, positional)):
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    if rest:
+        getattr(args, positional).extend(rest)
     # the trainers' own progress bars stay; per-map bars of `datasets` are noise here
     os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
     if args.command != "data" and os.environ.get("M1_ALIGN_KEEP_FREED_MEMORY", "1") != "0":
