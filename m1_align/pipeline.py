@@ -73,13 +73,18 @@ def check_stages(cfg: PipelineConfig, configs: dict[str, StageConfig], names: li
     written: a bad TDPO file fails in seconds, not after SFT and ELO have run for an hour. A model that an
     earlier stage of this run writes is not there yet, so only the stages' own inputs are looked for."""
     from m1_align.data.user_data import DataError
-    from m1_align.training import ModelPathError, check_inputs
+    from m1_align.training import ModelPathError, check_inputs, split_difference, split_refusal
 
     pending = [name for name in names if name in forced or StageResult.load(configs[name].output_dir) is None]
     made_here = {configs[name].output_dir for name in pending}
     for name in pending:
+        stage = configs[name]
+        source = next((other for other in pending if configs[other].output_dir == stage.model.path), None)
+        differences = split_difference(stage.data, configs[source].data.model_dump()) if source else []
+        if differences:  # the model is not written yet: compare with the config of the stage that writes it
+            raise ConfigError(f"stages.{name}: " + split_refusal(differences, f"stage {source}, whose model it starts from,"))
         try:
-            check_inputs(configs[name], made_here)
+            check_inputs(stage, made_here)
         except DataError as e:
             field = getattr(e, "field", None)
             if field and getattr(cfg.data, field) and field not in getattr(cfg.stages, name).data.model_fields_set:

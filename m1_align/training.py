@@ -22,7 +22,7 @@ from transformers import (
     TrainerCallback,
 )
 
-from m1_align.config import ConfigError, LoraConfig, ModelConfig, StageConfig, dump_config
+from m1_align.config import ConfigError, DataConfig, LoraConfig, ModelConfig, StageConfig, dump_config
 from m1_align.runs import (
     COMPLETE_FILE,
     DivergedError,
@@ -120,6 +120,46 @@ def check_data_files(cfg: StageConfig) -> None:
             raise error from None
 
 
+RECORDED_CONFIG = "m1_align_config.yaml"  # the config that made a model, saved beside it by every stage
+BUILD_KEYS = ("seed", "max_per_task", "eval_per_task")  # what names a build of the data (build.build_dir_name)
+
+
+def split_difference(here: DataConfig, there: dict[str, Any]) -> list[tuple[str, Any, Any]]:
+    """(key, here, there) for each build setting in which `here` differs from `there` (a recorded config's
+    data section): another build holds out other questions, so some held out on one side were trained on by
+    the other. Empty where either side does not use the built data."""
+    defaults = DataConfig()
+    if not (here.builtin and there.get("builtin", True)):
+        return []
+    recorded = {key: there.get(key, getattr(defaults, key)) for key in BUILD_KEYS}
+    return [(key, getattr(here, key), recorded[key]) for key in BUILD_KEYS if getattr(here, key) != recorded[key]]
+
+
+def split_refusal(differences: list[tuple[str, Any, Any]], source: str) -> str:
+    here = ", ".join(f"data.{key}={value}" for key, value, _ in differences)
+    there = ", ".join(f"{key} {value}" for key, _, value in differences)
+    fix = " ".join(f"data.{key}={value}" for key, _, value in differences)
+    return (f"{here}, but {source} was trained on the data built with {there}: another build holds out other "
+            f"questions, some of which that model trained on; set {fix} (the shipped configs share configs/data.yaml)")
+
+
+def check_same_split(cfg: StageConfig, model_dir: Path) -> None:
+    """A stage that continues a model (its recorded config beside it) builds the same data split as that model's
+    run, so its held-out questions stay held out."""
+    record = model_dir / RECORDED_CONFIG
+    if not record.is_file():
+        return
+    import yaml
+
+    try:
+        data = (yaml.safe_load(record.read_text(encoding="utf-8")) or {}).get("data")
+    except (yaml.YAMLError, UnicodeDecodeError, AttributeError):
+        return  # not ours to judge: the model itself was checked
+    differences = split_difference(cfg.data, data) if isinstance(data, dict) else []
+    if differences:
+        raise ConfigError(split_refusal(differences, f"the model in {model_dir} ({RECORDED_CONFIG})"))
+
+
 def check_inputs(cfg: StageConfig, made_here: Collection[str] = ()) -> None:
     """Everything a stage reads, checked before its output folder is touched: a typo fails in seconds with
     one line and leaves a finished run where it was. Model folders (and the reward model), the tokenizer,
@@ -128,7 +168,9 @@ def check_inputs(cfg: StageConfig, made_here: Collection[str] = ()) -> None:
     there does not exist yet and is not looked for."""
     later = {Path(p) for p in made_here}
     if cfg.model.path and cfg.model.path != "previous" and Path(cfg.model.path) not in later:
-        require_tokenizer(Path(cfg.model.tokenizer or resolve_model_dir(cfg.model.path)))
+        model_dir = resolve_model_dir(cfg.model.path)
+        require_tokenizer(Path(cfg.model.tokenizer or model_dir))
+        check_same_split(cfg, model_dir)
     reward_model = getattr(getattr(cfg, "reward", None), "model", None)
     if reward_model and Path(reward_model) not in later:
         resolve_model_dir(reward_model)

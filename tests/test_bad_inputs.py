@@ -138,6 +138,12 @@ def pairs_for_on_policy(tmp, good):
     return ["tdpo", *sft(tmp, good, "tdpo.pairs=on_policy", f"data.train_file={jsonl(tmp / 'p.jsonl', rows)}")[1:]]
 
 
+def split_differs(tmp, good):
+    model = good.model_copy(tmp)  # a model whose run built its data with 1500 rows and 100 held out per task
+    write(model / "m1_align_config.yaml", "data:\n  max_per_task: 1500\n  eval_per_task: 100\n  seed: 0\n")
+    return sft(tmp, good, model=model)
+
+
 def unknown_rule(tmp, good):
     rows = [{"prompt": "ICD-10 code for essential hypertension?", "answer": "I10", "rule": "icd10"}]
     return ["grpo", *sft(tmp, good, f"data.train_file={jsonl(tmp / 'r.jsonl', rows)}")[1:]]
@@ -171,6 +177,10 @@ CASES = [
     Case(pairs_all_degenerate, r"p\.jsonl: every row is degenerate \(1 with chosen == rejected, 1 with an empty response\)"),
     Case(pairs_for_on_policy, r"^error: data\.train_file: p\.jsonl line 1: missing key answer; expected .*keys prompt, "
                               r"answer \(tdpo\.pairs=on_policy samples .* set tdpo\.pairs=built\)$"),
+    Case(split_differs, rf"^error: data\.max_per_task={SMALL_DATA['max_per_task']}, data\.eval_per_task="
+                        rf"{SMALL_DATA['eval_per_task']}, but the model in .*model \(m1_align_config\.yaml\) was trained on "
+                        r"the data built with max_per_task 1500, eval_per_task 100: .*set data\.max_per_task=1500 "
+                        r"data\.eval_per_task=100 \(the shipped configs share configs/data\.yaml\)$"),
     Case(unknown_rule, r"r\.jsonl line 1: unknown rule 'icd10' \(known: mcq_letter, icd10_code"),
     Case(deepspeed_config_missing, r"train\.deepspeed: .*zero9\.json not found"),
 ]
@@ -322,3 +332,15 @@ def test_a_full_disk_is_one_line_and_says_so(good, tmp_path, capsys):
         assert "MiB free" in errors[0] and "run the same command again to resume" in errors[0]
     finally:
         subprocess.run(["umount", "-l", str(disk)], check=False)  # lazy: the failed run may still hold a file open
+
+
+def test_a_model_trained_on_the_same_build_is_continued(good, tmp_path):
+    from m1_align.config import SCHEMAS, validate
+    from m1_align.training import check_inputs
+
+    model = good.model_copy(tmp_path)
+    settings = "\n".join(f"  {k}: {v}" for k, v in SMALL_DATA.items())
+    write(model / "m1_align_config.yaml", f"data:\n{settings}\n  cache_dir: elsewhere\n  tasks: [elixhauser]\n")
+    overrides = {"model": {"path": str(model)}, "data": dict(SMALL_DATA)}
+    check_inputs(validate(SCHEMAS["sft"], overrides, "test"))  # where the cache lives and the tasks are not the build
+    check_inputs(validate(SCHEMAS["sft"], {**overrides, "data": {"builtin": False}}, "test"))  # no built data here

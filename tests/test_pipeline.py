@@ -94,7 +94,8 @@ def test_every_shipped_config_validates():
 
     from m1_align.config import load_config
 
-    schema_of = {"sft": "sft", "tdpo": "tdpo", "elo": "elo", "ppo": "ppo", "rm": "rm", "grpo": "grpo", "smollm2": "pipeline"}
+    schema_of = {"sft": "sft", "tdpo": "tdpo", "elo": "elo", "ppo": "ppo", "rm": "rm", "grpo": "grpo", "smollm2": "pipeline",
+                 "data": "data"}
     for path in sorted(Path("configs").rglob("*.yaml")):
         if path.parent.name == "accelerate":
             continue
@@ -219,3 +220,30 @@ def test_only_a_stage_the_pipeline_lacks_refuses_before_writing_the_runs_config(
         with pytest.raises(ConfigError, match="grpo: not a stage of this pipeline"):
             pipeline.run(cfg, **flags)
     assert (run_dir / "config.yaml").read_text() == "the recorded config of an earlier run\n"
+
+
+def test_the_stage_configs_build_the_data_of_the_pipeline_they_continue():
+    """configs/sft.yaml ... continue runs/quickstart: the same build, so the same held-out questions."""
+    from m1_align.data.build import build_dir_name
+
+    def build(stage, path):
+        data = load_config(stage, path).data
+        return data.cache_dir, build_dir_name(data.seed, data.max_per_task, data.eval_per_task)
+
+    pipeline_build = build("pipeline", "configs/quickstart.yaml")
+    for stage in ("sft", "elo", "tdpo", "rm", "ppo", "grpo"):
+        assert build(stage, f"configs/{stage}.yaml") == pipeline_build, stage
+    assert build("pipeline", "configs/smollm2.yaml") == pipeline_build
+    assert build("sft", "configs/baichuan-m1-14b/sft.yaml") == build("pipeline", "configs/baichuan-m1-14b/pipeline.yaml")
+
+
+def test_a_stage_whose_split_differs_from_the_stage_it_continues_is_refused_before_the_run(tmp_path, tiny_llama_dir):
+    from m1_align import pipeline
+    from m1_align.config import ConfigError
+
+    cfg = load_config("pipeline", "configs/smollm2.yaml", [f"run_dir={tmp_path / 'run'}", f"stages.sft.model.path={tiny_llama_dir}",
+                                                           "stages.tdpo.data.eval_per_task=50"])
+    with pytest.raises(ConfigError, match=r"^stages\.tdpo: data\.eval_per_task=50, but stage elo, whose model it starts "
+                                          r"from, was trained on the data built with eval_per_task 100: .*set data\.eval_per_task=100"):
+        pipeline.run(cfg)
+    assert not (tmp_path / "run").exists()
