@@ -7,6 +7,7 @@ import copy
 import ctypes
 import json
 import math
+import re
 import shutil
 import sys
 import time
@@ -44,8 +45,21 @@ class ModelPathError(FileNotFoundError):
     pass
 
 
+def looks_like_hub_id(path: str | Path) -> bool:
+    """`org/name` that is not here, under no folder that is: what the Hub calls a model, not a local path."""
+    text = str(path)
+    return (re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", text) is not None and not Path(text).exists()
+            and not Path(text.split("/")[0]).exists())
+
+
 def resolve_model_dir(path: str | Path) -> Path:
     """A model folder, or a stage output folder holding one in `model/`, checked before anything loads it."""
+    if looks_like_hub_id(path):
+        name = str(path).split("/")[1].lower()
+        raise ModelPathError(
+            f"model path {path} is no folder here and looks like a Hugging Face Hub id; m1-align reads local folders "
+            f"and does not download (no internet): on a machine with internet run `hf download {path} --local-dir "
+            f"models/{name}`, copy that folder here and set model.path=models/{name} (a .gguf file: m1-align import-gguf)")
     path = Path(path).expanduser()
     if (path / FINAL_MODEL / "config.json").is_file():
         path = path / FINAL_MODEL
@@ -267,7 +281,28 @@ def load_tokenizer(cfg: ModelConfig, model_dir: Path):
                              "or set model.tokenizer") from None
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
+    if not getattr(tokenizer, "chat_template", None):
+        warn_no_chat_template(source, model_dir)
     return tokenizer
+
+
+_WARNED_TEMPLATE: set[Path] = set()
+
+
+def warn_no_chat_template(source: Path, model_dir: Path) -> None:
+    """A tokenizer without a chat template gets Baichuan-M1's (data/chat.py: chat_template_for). That is the
+    hybrid model's own format, and a base model learns it in SFT; a chat model trained on another format
+    would be prompted in one it has never seen, so say so, once per folder."""
+    try:
+        model_type = json.loads((model_dir / "config.json").read_text(encoding="utf-8")).get("model_type")
+    except (OSError, ValueError, AttributeError):
+        model_type = None
+    if model_type == "baichuan_m1" or source in _WARNED_TEMPLATE:
+        return
+    _WARNED_TEMPLATE.add(source)
+    print(f"warning: the tokenizer in {source} has no chat template, so conversations use Baichuan-M1's "
+          f"(<B_SYS>, <C_Q>, <C_A>), which suits a base model you fine-tune; to keep the model's own format, save "
+          f"its template as {source}/chat_template.jinja (or set model.tokenizer to a folder with one)", file=sys.stderr)
 
 
 def load_model(cfg: ModelConfig, kind: str = "causal_lm", model_dir: Path | None = None, **kwargs: Any):

@@ -80,6 +80,10 @@ def model_folder_empty(tmp, good):
     return sft(tmp, good, model=tmp / "empty")
 
 
+def model_hub_id(tmp, good):
+    return sft(tmp, good, model=Path("HuggingFaceTB/SmolLM2-135M-Instruct"))
+
+
 def model_config_not_json(tmp, good):
     model = good.model_copy(tmp)
     write(model / "config.json", "{not json")
@@ -166,6 +170,9 @@ CASES = [
     Case(key_given_twice, r"train\.learning_rate is given twice; give it once"),
     Case(other_stages_key, r"unknown key 'tdpo' .*it is a key of tdpo \(m1-align tdpo \.\.\.\)"),
     Case(model_folder_empty, r"model path .*empty holds no Hugging Face model"),
+    Case(model_hub_id, r"model path HuggingFaceTB/SmolLM2-135M-Instruct is no folder here and looks like a Hugging Face "
+                       r"Hub id; .*no internet.*`hf download HuggingFaceTB/SmolLM2-135M-Instruct --local-dir "
+                       r"models/smollm2-135m-instruct`.*set model\.path=models/smollm2-135m-instruct"),
     Case(model_config_not_json, r"config\.json is not valid UTF-8 JSON"),
     Case(unknown_model_type, r"model_type 'llama9000' is not one transformers .* knows"),
     Case(truncated_weights, r"model\.safetensors is damaged or truncated .*copy the model folder again"),
@@ -344,3 +351,39 @@ def test_a_model_trained_on_the_same_build_is_continued(good, tmp_path):
     overrides = {"model": {"path": str(model)}, "data": dict(SMALL_DATA)}
     check_inputs(validate(SCHEMAS["sft"], overrides, "test"))  # where the cache lives and the tasks are not the build
     check_inputs(validate(SCHEMAS["sft"], {**overrides, "data": {"builtin": False}}, "test"))  # no built data here
+
+
+def test_a_hub_id_is_told_from_a_mistyped_local_path(tmp_path, monkeypatch):
+    from m1_align.training import looks_like_hub_id
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs").mkdir()
+    assert looks_like_hub_id("HuggingFaceTB/SmolLM2-135M") and looks_like_hub_id("org/model.v2")
+    assert not looks_like_hub_id("runs/sfy")  # under a folder that is here: a typo, told as "no Hugging Face model"
+    for local in ("./org/model", "/org/model", "org/model/sub", "model"):
+        assert not looks_like_hub_id(local), local
+
+
+def _without_chat_template(folder: Path) -> Path:
+    (folder / "chat_template.jinja").unlink(missing_ok=True)
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    config.pop("chat_template", None)
+    write(folder / "tokenizer_config.json", json.dumps(config))
+    return folder
+
+
+def test_a_model_without_a_chat_template_is_told_which_template_it_gets(good, tiny_model_dir, tmp_path, capsys):
+    from m1_align.config import ModelConfig
+    from m1_align.training import load_tokenizer
+
+    llama = _without_chat_template(good.model_copy(tmp_path))
+    assert load_tokenizer(ModelConfig(), llama).chat_template is None
+    err = capsys.readouterr().err
+    assert f"warning: the tokenizer in {llama} has no chat template, so conversations use Baichuan-M1's" in err
+    assert f"save its template as {llama}/chat_template.jinja" in err
+    load_tokenizer(ModelConfig(), llama)
+    assert capsys.readouterr().err == ""  # once per folder
+    assert load_tokenizer(ModelConfig(), good.model).chat_template  # its own template: nothing to say
+    hybrid = _without_chat_template(Path(shutil.copytree(tiny_model_dir, tmp_path / "hybrid")))
+    load_tokenizer(ModelConfig(), hybrid)  # Baichuan-M1's template is the hybrid's own
+    assert capsys.readouterr().err == ""
