@@ -47,8 +47,7 @@ def _user_message(err: BaseException, output_dir: str | None = None) -> str | No
     if no_space or (any(s in texts for s in WRITE_FAILED) and free is not None and free < 64 * 2**20):
         where = next((e.filename for e in chain if getattr(e, "filename", None)), None) or output_dir or "the output folder"
         left = f" ({free / 2**20:.1f} MiB free)" if free is not None else ""
-        return (f"disk full while writing {where}{left}: free space there (df -h) or choose an output_dir on another "
-                "disk, then run the same command again to resume from the last checkpoint")
+        return f"disk full writing {where}{left}: free space (df -h) or set output_dir on another disk, then run the same command to resume"
     if isinstance(err, OSError) and err.errno in (errno.EROFS, errno.EACCES, errno.EPERM) and err.filename:
         return f"cannot write {err.filename} ({err.strerror}); choose an output_dir you can write to"
     return None

@@ -39,6 +39,7 @@ from m1_align.runs import (
 CHECKPOINTS = "checkpoints"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 FINAL_MODEL = "model"
+RECORDED_CONFIG = "m1_align_config.yaml"  # the config that made a model, saved beside it by every stage
 
 
 class ModelPathError(FileNotFoundError):
@@ -97,7 +98,17 @@ def check_model_dir(path: Path) -> None:
             with safe_open(str(weights), "pt"):  # reads and checks the header against the file's size only
                 pass
         except (SafetensorError, OSError) as e:
-            raise ModelPathError(f"{weights} is damaged or truncated ({e}); copy the model folder again") from None
+            raise ModelPathError(f"{weights} is damaged or truncated ({e}); {_rewrite_model_hint(path)}") from None
+
+
+def _rewrite_model_hint(path: Path) -> str:
+    """How to get a damaged model folder back, by what wrote it."""
+    if (path / RECORDED_CONFIG).is_file():
+        stage = path.parent if path.name == FINAL_MODEL else path
+        return f"run the stage that wrote {stage} again with overwrite=true, or copy the folder again from a good copy"
+    if (path / "import.json").is_file():
+        return f"import it again: m1-align import-gguf GGUF {path} --overwrite"
+    return "copy the model folder again from where it came from (compare the file's size with the original's)"
 
 
 # the shape of a stage's user data files (data.train_file / data.eval_file); answer_eval_file is always "rl"
@@ -134,7 +145,6 @@ def check_data_files(cfg: StageConfig) -> None:
             raise error from None
 
 
-RECORDED_CONFIG = "m1_align_config.yaml"  # the config that made a model, saved beside it by every stage
 BUILD_KEYS = ("seed", "max_per_task", "eval_per_task")  # what names a build of the data (build.build_dir_name)
 
 
@@ -527,7 +537,7 @@ def save_final(trainer, tokenizer, cfg: StageConfig, output_dir: Path) -> Path:
         merged = copy.deepcopy(getattr(model, "module", model)).merge_and_unload()
         merged.save_pretrained(str(tmp), safe_serialization=True)
     tokenizer.save_pretrained(str(tmp))
-    atomic_write_text(tmp / "m1_align_config.yaml", dump_config(cfg))
+    atomic_write_text(tmp / RECORDED_CONFIG, dump_config(cfg))
     atomic_replace_dir(tmp, final)
     return final
 

@@ -104,6 +104,14 @@ def truncated_weights(tmp, good):
     return sft(tmp, good, model=model)
 
 
+def truncated_stage_weights(tmp, good):
+    model = Path(shutil.copytree(good.model, tmp / "sft" / "model"))
+    write(model / "m1_align_config.yaml", "output_dir: sft\n")  # a stage's output: that stage can write it again
+    weights = model / "model.safetensors"
+    write(weights, weights.read_bytes()[:100])
+    return sft(tmp, good, model=tmp / "sft")
+
+
 def tokenizer_missing(tmp, good):
     model = good.model_copy(tmp)
     for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja"):
@@ -175,13 +183,17 @@ CASES = [
                        r"models/smollm2-135m-instruct`.*set model\.path=models/smollm2-135m-instruct"),
     Case(model_config_not_json, r"config\.json is not valid UTF-8 JSON"),
     Case(unknown_model_type, r"model_type 'llama9000' is not one transformers .* knows"),
-    Case(truncated_weights, r"model\.safetensors is damaged or truncated .*copy the model folder again"),
+    Case(truncated_weights, r"model\.safetensors is damaged or truncated \(.*\); copy the model folder again from where it "
+                            r"came from \(compare the file's size with the original's\)$"),
+    Case(truncated_stage_weights, r"sft/model/model\.safetensors is damaged or truncated \(.*\); run the stage that wrote "
+                                  r"\S+/sft again with overwrite=true"),
     Case(tokenizer_missing, r"no tokenizer in .*model .*set model\.tokenizer"),
     Case(tokenizer_folder_empty, r"no tokenizer in .*tok "),
     Case(output_is_a_file, r"output_dir .*out is a file, not a folder"),
     Case(output_under_a_file, r"output_dir .*afile/run cannot be written"),
     Case(data_not_utf8, r"d\.jsonl: not UTF-8 text .*save the file as UTF-8"),
-    Case(pairs_all_degenerate, r"p\.jsonl: every row is degenerate \(1 with chosen == rejected, 1 with an empty response\)"),
+    Case(pairs_all_degenerate, r"p\.jsonl: every row is degenerate \(1 with chosen == rejected, 1 with an empty response\), nothing "
+                               r"to train on; give each pair a non-empty chosen and rejected that differ$"),
     Case(pairs_for_on_policy, r"^error: data\.train_file: p\.jsonl line 1: missing key answer; expected .*keys prompt, "
                               r"answer \(tdpo\.pairs=on_policy samples .* set tdpo\.pairs=built\)$"),
     Case(split_differs, rf"^error: data\.max_per_task={SMALL_DATA['max_per_task']}, data\.eval_per_task="
@@ -230,6 +242,17 @@ def test_degenerate_rows_are_dropped_with_a_count(tmp_path, capsys):
     prompts = [{"prompt": "q1", "answer": "I10"}, {"prompt": "q2", "answer": "  "}]
     assert len(load_user_data(jsonl(tmp_path / "r.jsonl", prompts), "rl")) == 1
     assert "r.jsonl: dropped 1 of 2 rows (1 with an empty answer)" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("kind, row, fix", [
+    ("rl", {"prompt": "ICD-10 code for essential hypertension?", "answer": " "}, "give each question a non-empty answer"),
+    ("sft", {"prompt": "What does CKD stand for?", "completion": ""}, "give each conversation an assistant reply with text"),
+])
+def test_a_file_of_degenerate_rows_says_what_a_usable_row_holds(kind, row, fix, tmp_path):
+    from m1_align.data.user_data import DataError, load_user_data
+
+    with pytest.raises(DataError, match=rf"^d\.jsonl: every row is degenerate \(2 with an empty \w+( \w+)?\), nothing to train on; {fix}$"):
+        load_user_data(jsonl(tmp_path / "d.jsonl", [row, row]), kind)
 
 
 def test_a_trainer_checkpoint_counts_only_when_complete(tmp_path, capsys):
@@ -296,15 +319,16 @@ def test_a_torn_metrics_line_is_dropped_with_a_note(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("error, expected", [
-    (OSError(errno.ENOSPC, "No space left on device", "/runs/x/model.safetensors"), "disk full while writing /runs/x/model.safetensors"),
+    (OSError(errno.ENOSPC, "No space left on device", "/runs/x/model.safetensors"),
+     "disk full writing /runs/x/model.safetensors: free space (df -h) or set output_dir on another disk, then run the same "
+     "command to resume"),
     # a failed write is called a full disk only when the disk is full (test_a_full_disk_is_one_line_and_says_so)
     (RuntimeError("[enforce fail at inline_container.cc:626] . PytorchStreamWriter failed writing file data/0: file write failed"), None),
-    (OSError(errno.EROFS, "Read-only file system", "/mnt/ro/run"), "cannot write /mnt/ro/run (Read-only file system)"),
+    (OSError(errno.EROFS, "Read-only file system", "/mnt/ro/run"), "cannot write /mnt/ro/run (Read-only file system); choose an output_dir you can write to"),
     (RuntimeError("a bug"), None),
 ])
 def test_file_system_faults_become_one_line(error, expected):
-    message = _user_message(error)
-    assert message == expected if expected is None else message.startswith(expected)
+    assert _user_message(error) == expected
 
 
 def test_import_m1_align_registers_the_hybrid_model_lazily(tiny_model_dir):
@@ -335,8 +359,9 @@ def test_a_full_disk_is_one_line_and_says_so(good, tmp_path, capsys):
                 "train.save_steps=1", "train.batch_size=2", "train.max_length=128", "train.eval_limit=1"]
         assert main(argv) == 2
         errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error: ")]
-        assert len(errors) == 1 and errors[0].startswith("error: disk full while writing"), errors
-        assert "MiB free" in errors[0] and "run the same command again to resume" in errors[0]
+        assert len(errors) == 1 and errors[0].startswith(f"error: disk full writing {disk / 'out'}"), errors
+        assert "MiB free): free space (df -h)" in errors[0] and errors[0].endswith("run the same command to resume")
+        assert len(errors[0]) - len(str(disk)) < 140  # under two terminal lines beside the path, not four
     finally:
         subprocess.run(["umount", "-l", str(disk)], check=False)  # lazy: the failed run may still hold a file open
 
