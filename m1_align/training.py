@@ -7,6 +7,7 @@ import copy
 import ctypes
 import json
 import math
+import os
 import re
 import shutil
 import sys
@@ -199,15 +200,35 @@ def check_inputs(cfg: StageConfig, made_here: Collection[str] = ()) -> None:
     if reward_model and Path(reward_model) not in later:
         resolve_model_dir(reward_model)
     check_data_files(cfg)
-    if cfg.train.deepspeed:
-        source = Path(cfg.train.deepspeed)
+    source, launched = deepspeed_file(cfg.train), launched_deepspeed_file()
+    if cfg.train.deepspeed and launched and Path(launched).resolve() != Path(source).resolve():
+        if os.environ.get("RANK", "0") == "0":
+            print(f"warning: DeepSpeed config {source} (train.deepspeed) is used, not {launched} (the accelerate "
+                  "config's deepspeed_config_file); name one file in one place", file=sys.stderr)
+    if source:
+        field = "train.deepspeed" if cfg.train.deepspeed else "the accelerate config's deepspeed_config_file"
         try:
-            json.loads(source.read_text(encoding="utf-8"))
+            json.loads(Path(source).read_text(encoding="utf-8"))
         except FileNotFoundError:
-            raise ConfigError(f"train.deepspeed: {source} not found; point it at a DeepSpeed JSON config "
+            raise ConfigError(f"{field}: {source} not found; point it at a DeepSpeed JSON config "
                               "(e.g. configs/deepspeed/zero2.json)") from None
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise ConfigError(f"train.deepspeed: {source} is not valid JSON ({e})") from None
+            raise ConfigError(f"{field}: {source} is not valid JSON ({e})") from None
+
+
+def launched_deepspeed_file() -> str | None:
+    """The deepspeed_config_file of the accelerate config this process was launched with (accelerate launch
+    passes it on as ACCELERATE_DEEPSPEED_CONFIG_FILE), or None."""
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED") != "true":
+        return None
+    return os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE") or None
+
+
+def deepspeed_file(train) -> str | None:
+    """The one DeepSpeed config a stage runs with: train.deepspeed when set, else the accelerate config's
+    deepspeed_config_file (check_inputs warns when they name different files). transformers' Trainer (SFT, TDPO,
+    RM) reads them in this order, and the online loop (ELO, PPO, GRPO) through this function."""
+    return train.deepspeed or launched_deepspeed_file()
 
 
 def start_output_dir(cfg: StageConfig) -> Path:

@@ -412,3 +412,38 @@ def test_a_model_without_a_chat_template_is_told_which_template_it_gets(good, ti
     hybrid = _without_chat_template(Path(shutil.copytree(tiny_model_dir, tmp_path / "hybrid")))
     load_tokenizer(ModelConfig(), hybrid)  # Baichuan-M1's template is the hybrid's own
     assert capsys.readouterr().err == ""
+
+
+def test_one_deepspeed_config_train_deepspeed_wins_over_the_accelerate_configs_file(good, tmp_path, monkeypatch, capsys):
+    """`accelerate launch --config_file configs/accelerate/...` passes its deepspeed_config_file on in the environment;
+    train.deepspeed, when set, is the one used by every stage (the online loop too), with a warning naming both."""
+    from m1_align.config import SCHEMAS, ConfigError, validate
+    from m1_align.rl.loop import OnlineLoop
+    from m1_align.training import check_inputs, deepspeed_file
+
+    def config(stage="grpo", **train):
+        return validate(SCHEMAS[stage], {"model": {"path": str(good.model)}, "data": dict(SMALL_DATA), "train": train}, "test")
+
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_CONFIG_FILE", "configs/deepspeed/zero3.json")
+    zero2 = config(deepspeed="configs/deepspeed/zero2.json")
+    check_inputs(zero2)
+    assert deepspeed_file(zero2.train) == "configs/deepspeed/zero2.json"
+    assert capsys.readouterr().err.strip() == (
+        "warning: DeepSpeed config configs/deepspeed/zero2.json (train.deepspeed) is used, not configs/deepspeed/zero3.json "
+        "(the accelerate config's deepspeed_config_file); name one file in one place")
+    loop = SimpleNamespace(cfg=zero2, world_size=2)
+    assert OnlineLoop._deepspeed_config(loop)["zero_optimization"]["stage"] == 2  # the online loop follows the rule
+
+    check_inputs(config(deepspeed=str(Path("configs/deepspeed/zero3.json").resolve())))  # the same file: nothing to say
+    launched = config("sft")
+    check_inputs(launched)
+    assert capsys.readouterr().err == "" and deepspeed_file(launched.train) == "configs/deepspeed/zero3.json"
+    assert OnlineLoop._deepspeed_config(SimpleNamespace(cfg=config(), world_size=2))["zero_optimization"]["stage"] == 3
+
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_CONFIG_FILE", str(tmp_path / "zero9.json"))
+    with pytest.raises(ConfigError, match=r"^the accelerate config's deepspeed_config_file: .*zero9\.json not found"):
+        check_inputs(launched)
+    monkeypatch.delenv("ACCELERATE_USE_DEEPSPEED")
+    check_inputs(launched)  # not launched with DeepSpeed: the variable is not read
+    assert deepspeed_file(launched.train) is None
