@@ -124,9 +124,7 @@ class TrainConfig(Section):
     eval_max_new_tokens: int = Field(96, ge=1)  # generation length for held-out answer accuracy
     eval_limit: int | None = Field(None, ge=1)  # held-out dev questions per task the stage checks itself on (None: all)
     report_to: list[Literal["tensorboard", "wandb"]] = []  # metrics.jsonl is always written
-    # a DeepSpeed JSON config, e.g. configs/deepspeed/zero2.json; wins over the deepspeed_config_file of the accelerate
-    # config the run was launched with (a warning names the file ignored), which is used when this is unset
-    deepspeed: str | None = None
+    deepspeed: str | None = None  # a DeepSpeed JSON config, e.g. configs/deepspeed/zero2.json
     resume: bool = True  # continue from the last checkpoint in output_dir when there is one
     # online stages (ELO, PPO, GRPO): pack the samples into rows without padding, positions restarting per
     # sample (checked against the padded forward when the run starts; off where the model disagrees)
