@@ -90,4 +90,3 @@ def test_overwrite_starts_a_finished_run_over_but_an_unfinished_one_resumes(tmp_
     assert (previous / "result.json").is_file() and (previous / "checkpoints" / "checkpoint-10").is_dir()
     StageResult("sft", str(finished), {}).save()
     assert not previous.exists()
-
