@@ -56,8 +56,7 @@ def _user_message(err: BaseException, output_dir: str | None = None) -> str | No
     if no_space or (any(s in texts for s in WRITE_FAILED) and free is not None and free < 64 * 2**20):
         where = next((e.filename for e in chain if getattr(e, "filename", None)), None) or output_dir or "the output folder"
         left = f" ({free / 2**20:.1f} MiB free)" if free is not None else ""
-        return (f"disk full while writing {where}{left}: free space there (df -h) or choose an output_dir on another "
-                "disk, then run the same command again to resume from the last checkpoint")
+        return f"disk full writing {where}{left}: free space (df -h) or set output_dir on another disk, then run the same command to resume"
     if isinstance(err, OSError) and err.errno in (errno.EROFS, errno.EACCES, errno.EPERM) and err.filename:
         return f"cannot write {err.filename} ({err.strerror}); choose an output_dir you can write to"
     return None
@@ -185,7 +184,14 @@ def _run_data(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    # argparse takes positionals only before the first option: overrides after `--only sft` come back unparsed
+    args, rest = parser.parse_known_args(argv)
+    positional = "overrides" if hasattr(args, "overrides") else "inputs"
+    if rest and (any(a.startswith("-") for a in rest) or not hasattr(args, positional)):
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    if rest:
+        getattr(args, positional).extend(rest)
     # the trainers' own progress bars stay; per-map bars of `datasets` are noise here
     os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
     if args.command != "data" and os.environ.get("M1_ALIGN_KEEP_FREED_MEMORY", "1") != "0":

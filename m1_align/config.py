@@ -645,7 +645,9 @@ class PipelineConfig(Section):
     """Stages run in the order pretrain, sft, elo, tdpo, rm, ppo, grpo; a stage left out is skipped. Within
     a stage, output_dir, seed and data (field by field) default to the pipeline's, and model.path to the
     previous policy stage's output (rm and ppo's critic start from the policy; ppo's and grpo's reward.model
-    from rm). The RL stages ppo and grpo both start from the policy before them, so one run can compare them."""
+    from rm). The RL stages ppo and grpo both start from the policy before them, so one run can compare them.
+    User data files belong to the stage that reads them (stages.sft.data.train_file=chats.jsonl): the pipeline's
+    own data.train_file would reach every stage, and each reads its own shape."""
 
     run_dir: str = Field("runs/quickstart", description="Every stage writes run_dir/<stage>/, and the report "
                          "run_dir/report.md.")

@@ -2,7 +2,9 @@
 
 Each stage reads the previous stage's output, is evaluated when it finishes, and is skipped on a
 re-run once finished (its result.json exists); an interrupted stage resumes from its checkpoint.
-At the end run_dir/report.md gathers every stage's metrics, curves and timings.
+At the end run_dir/report.md gathers every stage's metrics, curves and timings. Every stage's inputs are
+checked before the first stage runs (check_stages); data files belong to a stage (stages.X.data.train_file):
+the pipeline's own data.train_file would reach every stage, each reading its own shape.
 """
 
 from __future__ import annotations
@@ -66,13 +68,42 @@ def select(names: list[str], only: str | None, start: str | None) -> tuple[list[
     return names, set()
 
 
+def check_stages(cfg: PipelineConfig, configs: dict[str, StageConfig], names: list[str], forced: set[str]) -> None:
+    """Every stage that will run, its inputs checked before the first one starts and before anything is
+    written: a bad TDPO file fails in seconds, not after SFT and ELO have run for an hour. A model that an
+    earlier stage of this run writes is not there yet, so only the stages' own inputs are looked for."""
+    from m1_align.data.user_data import DataError
+    from m1_align.training import ModelPathError, check_inputs, split_difference, split_refusal
+
+    pending = [name for name in names if name in forced or StageResult.load(configs[name].output_dir) is None]
+    made_here = {configs[name].output_dir for name in pending}
+    for name in pending:
+        stage = configs[name]
+        source = next((other for other in pending if configs[other].output_dir == stage.model.path), None)
+        differences = split_difference(stage.data, configs[source].data.model_dump()) if source else []
+        if differences:  # the model is not written yet: compare with the config of the stage that writes it
+            raise ConfigError(f"stages.{name}: " + split_refusal(differences, f"stage {source}, whose model it starts from,"))
+        try:
+            check_inputs(stage, made_here)
+        except DataError as e:
+            field = getattr(e, "field", None)
+            if field and getattr(cfg.data, field) and field not in getattr(cfg.stages, name).data.model_fields_set:
+                raise DataError(f"stages.{name} reads the pipeline's {e}; a pipeline-level data.{field} goes to every "
+                                f"stage, and each reads its own shape: give this stage its file with "
+                                f"stages.{name}.data.{field}=FILE") from None
+            raise DataError(f"stages.{name}: {e}") from None
+        except (ConfigError, ModelPathError) as e:
+            raise type(e)(f"stages.{name}: {e}") from None
+
+
 def run(cfg: PipelineConfig, only: str | None = None, start: str | None = None) -> StageResult:
     begin = time.time()
     run_dir = Path(cfg.run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
     configs = stage_configs(cfg)
-    atomic_write_text(run_dir / "config.yaml", dump_config(resolved(cfg, configs)))
     names, forced = select(list(configs), only, start)
+    check_stages(cfg, configs, names, forced)  # nothing is written before every stage's inputs are found good
+    run_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(run_dir / "config.yaml", dump_config(resolved(cfg, configs)))
     timings: dict[str, float] = {}
     reported = [n for n in ORDER if n in configs]
     if "pretrain" not in configs:  # a pretrained starting model: evaluate it as the "base" column

@@ -7,9 +7,12 @@ import copy
 import ctypes
 import json
 import math
+import os
+import re
 import shutil
 import sys
 import time
+from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +24,7 @@ from transformers import (
     TrainerCallback,
 )
 
-from m1_align.config import ConfigError, LoraConfig, ModelConfig, StageConfig, dump_config
+from m1_align.config import ConfigError, DataConfig, LoraConfig, ModelConfig, StageConfig, dump_config
 from m1_align.runs import (
     COMPLETE_FILE,
     DivergedError,
@@ -37,14 +40,28 @@ from m1_align.runs import (
 CHECKPOINTS = "checkpoints"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 FINAL_MODEL = "model"
+RECORDED_CONFIG = "m1_align_config.yaml"  # the config that made a model, saved beside it by every stage
 
 
 class ModelPathError(FileNotFoundError):
     pass
 
 
+def looks_like_hub_id(path: str | Path) -> bool:
+    """`org/name` that is not here, under no folder that is: what the Hub calls a model, not a local path."""
+    text = str(path)
+    return (re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", text) is not None and not Path(text).exists()
+            and not Path(text.split("/")[0]).exists())
+
+
 def resolve_model_dir(path: str | Path) -> Path:
     """A model folder, or a stage output folder holding one in `model/`, checked before anything loads it."""
+    if looks_like_hub_id(path):
+        name = str(path).split("/")[1].lower()
+        raise ModelPathError(
+            f"model path {path} is no folder here and looks like a Hugging Face Hub id; m1-align reads local folders "
+            f"and does not download (no internet): on a machine with internet run `hf download {path} --local-dir "
+            f"models/{name}`, copy that folder here and set model.path=models/{name} (a .gguf file: m1-align import-gguf)")
     path = Path(path).expanduser()
     if (path / FINAL_MODEL / "config.json").is_file():
         path = path / FINAL_MODEL
@@ -82,39 +99,136 @@ def check_model_dir(path: Path) -> None:
             with safe_open(str(weights), "pt"):  # reads and checks the header against the file's size only
                 pass
         except (SafetensorError, OSError) as e:
-            raise ModelPathError(f"{weights} is damaged or truncated ({e}); copy the model folder again") from None
+            raise ModelPathError(f"{weights} is damaged or truncated ({e}); {_rewrite_model_hint(path)}") from None
+
+
+def _rewrite_model_hint(path: Path) -> str:
+    """How to get a damaged model folder back, by what wrote it."""
+    if (path / RECORDED_CONFIG).is_file():
+        stage = path.parent if path.name == FINAL_MODEL else path
+        return f"run the stage that wrote {stage} again with overwrite=true, or copy the folder again from a good copy"
+    if (path / "import.json").is_file():
+        return f"import it again: m1-align import-gguf GGUF {path} --overwrite"
+    return "copy the model folder again from where it came from (compare the file's size with the original's)"
 
 
 # the shape of a stage's user data files (data.train_file / data.eval_file); answer_eval_file is always "rl"
 DATA_KIND = {"SFTConfig": "sft", "TDPOConfig": "preference", "RMConfig": "preference", "ELOConfig": "rl",
              "PPOConfig": "rl", "GRPOConfig": "rl"}
+# tdpo.pairs=on_policy samples its pairs from questions: its train_file is read as rl rows (stage_data.rl_rows)
+ON_POLICY_HINT = ("tdpo.pairs=on_policy samples its pairs from these questions (keys prompt, answer[, rule]); "
+                  "for written pairs (prompt, chosen, rejected) set tdpo.pairs=built")
 
 
-def check_inputs(cfg: StageConfig) -> None:
+def data_kind(cfg: StageConfig, name: str) -> str | None:
+    """The shape in which a stage reads its data file `name` (a DataConfig field), None where it reads none."""
+    if name == "answer_eval_file":
+        return "rl"
+    if name == "train_file" and getattr(getattr(cfg, "tdpo", None), "pairs", None) == "on_policy":
+        return "rl"
+    return DATA_KIND.get(type(cfg).__name__)
+
+
+def check_data_files(cfg: StageConfig) -> None:
+    """Each user data file read as the stage will read it; the DataError names the field (also as `.field`)."""
+    from m1_align.data.user_data import DataError, load_user_data
+
+    for name in ("train_file", "eval_file", "answer_eval_file"):
+        path, kind = getattr(cfg.data, name), data_kind(cfg, name)
+        if not (path and kind):
+            continue
+        try:
+            load_user_data(path, kind)
+        except DataError as e:
+            on_policy = name == "train_file" and kind == "rl" and type(cfg).__name__ == "TDPOConfig"
+            error = DataError(f"data.{name}: {e}" + (f" ({ON_POLICY_HINT})" if on_policy else ""))
+            error.field = name
+            raise error from None
+
+
+BUILD_KEYS = ("seed", "max_per_task", "eval_per_task")  # what names a build of the data (build.build_dir_name)
+
+
+def split_difference(here: DataConfig, there: dict[str, Any]) -> list[tuple[str, Any, Any]]:
+    """(key, here, there) for each build setting in which `here` differs from `there` (a recorded config's
+    data section): another build holds out other questions, so some held out on one side were trained on by
+    the other. Empty where either side does not use the built data."""
+    defaults = DataConfig()
+    if not (here.builtin and there.get("builtin", True)):
+        return []
+    recorded = {key: there.get(key, getattr(defaults, key)) for key in BUILD_KEYS}
+    return [(key, getattr(here, key), recorded[key]) for key in BUILD_KEYS if getattr(here, key) != recorded[key]]
+
+
+def split_refusal(differences: list[tuple[str, Any, Any]], source: str) -> str:
+    here = ", ".join(f"data.{key}={value}" for key, value, _ in differences)
+    there = ", ".join(f"{key} {value}" for key, _, value in differences)
+    fix = " ".join(f"data.{key}={value}" for key, _, value in differences)
+    return (f"{here}, but {source} was trained on the data built with {there}: another build holds out other "
+            f"questions, some of which that model trained on; set {fix} (the shipped configs share configs/data.yaml)")
+
+
+def check_same_split(cfg: StageConfig, model_dir: Path) -> None:
+    """A stage that continues a model (its recorded config beside it) builds the same data split as that model's
+    run, so its held-out questions stay held out."""
+    record = model_dir / RECORDED_CONFIG
+    if not record.is_file():
+        return
+    import yaml
+
+    try:
+        data = (yaml.safe_load(record.read_text(encoding="utf-8")) or {}).get("data")
+    except (yaml.YAMLError, UnicodeDecodeError, AttributeError):
+        return  # not ours to judge: the model itself was checked
+    differences = split_difference(cfg.data, data) if isinstance(data, dict) else []
+    if differences:
+        raise ConfigError(split_refusal(differences, f"the model in {model_dir} ({RECORDED_CONFIG})"))
+
+
+def check_inputs(cfg: StageConfig, made_here: Collection[str] = ()) -> None:
     """Everything a stage reads, checked before its output folder is touched: a typo fails in seconds with
     one line and leaves a finished run where it was. Model folders (and the reward model), the tokenizer,
-    user data files (shape, encoding, rule names, degenerate rows), the DeepSpeed config."""
-    if cfg.model.path and cfg.model.path != "previous":
-        require_tokenizer(Path(cfg.model.tokenizer or resolve_model_dir(cfg.model.path)))
+    user data files (shape, encoding, rule names, degenerate rows), the DeepSpeed config. `made_here`: the
+    output folders that earlier stages of the same pipeline run write before this stage starts; a model
+    there does not exist yet and is not looked for."""
+    later = {Path(p) for p in made_here}
+    if cfg.model.path and cfg.model.path != "previous" and Path(cfg.model.path) not in later:
+        model_dir = resolve_model_dir(cfg.model.path)
+        require_tokenizer(Path(cfg.model.tokenizer or model_dir))
+        check_same_split(cfg, model_dir)
     reward_model = getattr(getattr(cfg, "reward", None), "model", None)
-    if reward_model:
+    if reward_model and Path(reward_model) not in later:
         resolve_model_dir(reward_model)
-    from m1_align.data.user_data import load_user_data
-
-    kind = DATA_KIND.get(type(cfg).__name__)
-    for name in ("train_file", "eval_file", "answer_eval_file"):
-        path = getattr(cfg.data, name)
-        if path and (kind or name == "answer_eval_file"):
-            load_user_data(path, "rl" if name == "answer_eval_file" else kind)
-    if cfg.train.deepspeed:
-        source = Path(cfg.train.deepspeed)
+    check_data_files(cfg)
+    source, launched = deepspeed_file(cfg.train), launched_deepspeed_file()
+    if cfg.train.deepspeed and launched and Path(launched).resolve() != Path(source).resolve():
+        if os.environ.get("RANK", "0") == "0":
+            print(f"warning: DeepSpeed config {source} (train.deepspeed) is used, not {launched} (the accelerate "
+                  "config's deepspeed_config_file); name one file in one place", file=sys.stderr)
+    if source:
+        field = "train.deepspeed" if cfg.train.deepspeed else "the accelerate config's deepspeed_config_file"
         try:
-            json.loads(source.read_text(encoding="utf-8"))
+            json.loads(Path(source).read_text(encoding="utf-8"))
         except FileNotFoundError:
-            raise ConfigError(f"train.deepspeed: {source} not found; point it at a DeepSpeed JSON config "
+            raise ConfigError(f"{field}: {source} not found; point it at a DeepSpeed JSON config "
                               "(e.g. configs/deepspeed/zero2.json)") from None
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise ConfigError(f"train.deepspeed: {source} is not valid JSON ({e})") from None
+            raise ConfigError(f"{field}: {source} is not valid JSON ({e})") from None
+
+
+def launched_deepspeed_file() -> str | None:
+    """The deepspeed_config_file of the accelerate config this process was launched with (accelerate launch
+    passes it on as ACCELERATE_DEEPSPEED_CONFIG_FILE), or None."""
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED") != "true":
+        return None
+    return os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE") or None
+
+
+def deepspeed_file(train) -> str | None:
+    """The one DeepSpeed config a stage runs with: train.deepspeed when set, else the accelerate config's
+    deepspeed_config_file (check_inputs warns when they name different files). transformers' Trainer (SFT, TDPO,
+    RM) reads them in this order, and the online loop (ELO, PPO, GRPO) through this function."""
+    return train.deepspeed or launched_deepspeed_file()
 
 
 def start_output_dir(cfg: StageConfig) -> Path:
@@ -198,7 +312,28 @@ def load_tokenizer(cfg: ModelConfig, model_dir: Path):
                              "or set model.tokenizer") from None
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
+    if not getattr(tokenizer, "chat_template", None):
+        warn_no_chat_template(source, model_dir)
     return tokenizer
+
+
+_WARNED_TEMPLATE: set[Path] = set()
+
+
+def warn_no_chat_template(source: Path, model_dir: Path) -> None:
+    """A tokenizer without a chat template gets Baichuan-M1's (data/chat.py: chat_template_for). That is the
+    hybrid model's own format, and a base model learns it in SFT; a chat model trained on another format
+    would be prompted in one it has never seen, so say so, once per folder."""
+    try:
+        model_type = json.loads((model_dir / "config.json").read_text(encoding="utf-8")).get("model_type")
+    except (OSError, ValueError, AttributeError):
+        model_type = None
+    if model_type == "baichuan_m1" or source in _WARNED_TEMPLATE:
+        return
+    _WARNED_TEMPLATE.add(source)
+    print(f"warning: the tokenizer in {source} has no chat template, so conversations use Baichuan-M1's "
+          f"(<B_SYS>, <C_Q>, <C_A>), which suits a base model you fine-tune; to keep the model's own format, save "
+          f"its template as {source}/chat_template.jinja (or set model.tokenizer to a folder with one)", file=sys.stderr)
 
 
 def load_model(cfg: ModelConfig, kind: str = "causal_lm", model_dir: Path | None = None, **kwargs: Any):
@@ -448,7 +583,7 @@ def save_final(trainer, tokenizer, cfg: StageConfig, output_dir: Path) -> Path:
         merged = copy.deepcopy(getattr(model, "module", model)).merge_and_unload()
         merged.save_pretrained(str(tmp), safe_serialization=True)
     tokenizer.save_pretrained(str(tmp))
-    atomic_write_text(tmp / "m1_align_config.yaml", dump_config(cfg))
+    atomic_write_text(tmp / RECORDED_CONFIG, dump_config(cfg))
     atomic_replace_dir(tmp, final)
     return final
 

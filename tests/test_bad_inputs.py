@@ -80,6 +80,10 @@ def model_folder_empty(tmp, good):
     return sft(tmp, good, model=tmp / "empty")
 
 
+def model_hub_id(tmp, good):
+    return sft(tmp, good, model=Path("HuggingFaceTB/SmolLM2-135M-Instruct"))
+
+
 def model_config_not_json(tmp, good):
     model = good.model_copy(tmp)
     write(model / "config.json", "{not json")
@@ -98,6 +102,14 @@ def truncated_weights(tmp, good):
     weights = model / "model.safetensors"
     write(weights, weights.read_bytes()[: weights.stat().st_size // 2])
     return sft(tmp, good, model=model)
+
+
+def truncated_stage_weights(tmp, good):
+    model = Path(shutil.copytree(good.model, tmp / "sft" / "model"))
+    write(model / "m1_align_config.yaml", "output_dir: sft\n")  # a stage's output: that stage can write it again
+    weights = model / "model.safetensors"
+    write(weights, weights.read_bytes()[:100])
+    return sft(tmp, good, model=tmp / "sft")
 
 
 def tokenizer_missing(tmp, good):
@@ -133,6 +145,17 @@ def pairs_all_degenerate(tmp, good):
     return ["tdpo", *sft(tmp, good, f"data.train_file={jsonl(tmp / 'p.jsonl', rows)}")[1:]]
 
 
+def pairs_for_on_policy(tmp, good):
+    rows = [{"prompt": "What does CKD stand for?", "chosen": "Chronic kidney disease", "rejected": "Coronary kidney disease"}]
+    return ["tdpo", *sft(tmp, good, "tdpo.pairs=on_policy", f"data.train_file={jsonl(tmp / 'p.jsonl', rows)}")[1:]]
+
+
+def split_differs(tmp, good):
+    model = good.model_copy(tmp)  # a model whose run built its data with 1500 rows and 100 held out per task
+    write(model / "m1_align_config.yaml", "data:\n  max_per_task: 1500\n  eval_per_task: 100\n  seed: 0\n")
+    return sft(tmp, good, model=model)
+
+
 def unknown_rule(tmp, good):
     rows = [{"prompt": "ICD-10 code for essential hypertension?", "answer": "I10", "rule": "icd10"}]
     return ["grpo", *sft(tmp, good, f"data.train_file={jsonl(tmp / 'r.jsonl', rows)}")[1:]]
@@ -155,15 +178,28 @@ CASES = [
     Case(key_given_twice, r"train\.learning_rate is given twice; give it once"),
     Case(other_stages_key, r"unknown key 'tdpo' .*it is a key of tdpo \(m1-align tdpo \.\.\.\)"),
     Case(model_folder_empty, r"model path .*empty holds no Hugging Face model"),
+    Case(model_hub_id, r"model path HuggingFaceTB/SmolLM2-135M-Instruct is no folder here and looks like a Hugging Face "
+                       r"Hub id; .*no internet.*`hf download HuggingFaceTB/SmolLM2-135M-Instruct --local-dir "
+                       r"models/smollm2-135m-instruct`.*set model\.path=models/smollm2-135m-instruct"),
     Case(model_config_not_json, r"config\.json is not valid UTF-8 JSON"),
     Case(unknown_model_type, r"model_type 'llama9000' is not one transformers .* knows"),
-    Case(truncated_weights, r"model\.safetensors is damaged or truncated .*copy the model folder again"),
+    Case(truncated_weights, r"model\.safetensors is damaged or truncated \(.*\); copy the model folder again from where it "
+                            r"came from \(compare the file's size with the original's\)$"),
+    Case(truncated_stage_weights, r"sft/model/model\.safetensors is damaged or truncated \(.*\); run the stage that wrote "
+                                  r"\S+/sft again with overwrite=true"),
     Case(tokenizer_missing, r"no tokenizer in .*model .*set model\.tokenizer"),
     Case(tokenizer_folder_empty, r"no tokenizer in .*tok "),
     Case(output_is_a_file, r"output_dir .*out is a file, not a folder"),
     Case(output_under_a_file, r"output_dir .*afile/run cannot be written"),
     Case(data_not_utf8, r"d\.jsonl: not UTF-8 text .*save the file as UTF-8"),
-    Case(pairs_all_degenerate, r"p\.jsonl: every row is degenerate \(1 with chosen == rejected, 1 with an empty response\)"),
+    Case(pairs_all_degenerate, r"p\.jsonl: every row is degenerate \(1 with chosen == rejected, 1 with an empty response\), nothing "
+                               r"to train on; give each pair a non-empty chosen and rejected that differ$"),
+    Case(pairs_for_on_policy, r"^error: data\.train_file: p\.jsonl line 1: missing key answer; expected .*keys prompt, "
+                              r"answer \(tdpo\.pairs=on_policy samples .* set tdpo\.pairs=built\)$"),
+    Case(split_differs, rf"^error: data\.max_per_task={SMALL_DATA['max_per_task']}, data\.eval_per_task="
+                        rf"{SMALL_DATA['eval_per_task']}, but the model in .*model \(m1_align_config\.yaml\) was trained on "
+                        r"the data built with max_per_task 1500, eval_per_task 100: .*set data\.max_per_task=1500 "
+                        r"data\.eval_per_task=100 \(the shipped configs share configs/data\.yaml\)$"),
     Case(unknown_rule, r"r\.jsonl line 1: unknown rule 'icd10' \(known: mcq_letter, icd10_code"),
     Case(deepspeed_config_missing, r"train\.deepspeed: .*zero9\.json not found"),
 ]
@@ -206,6 +242,17 @@ def test_degenerate_rows_are_dropped_with_a_count(tmp_path, capsys):
     prompts = [{"prompt": "q1", "answer": "I10"}, {"prompt": "q2", "answer": "  "}]
     assert len(load_user_data(jsonl(tmp_path / "r.jsonl", prompts), "rl")) == 1
     assert "r.jsonl: dropped 1 of 2 rows (1 with an empty answer)" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("kind, row, fix", [
+    ("rl", {"prompt": "ICD-10 code for essential hypertension?", "answer": " "}, "give each question a non-empty answer"),
+    ("sft", {"prompt": "What does CKD stand for?", "completion": ""}, "give each conversation an assistant reply with text"),
+])
+def test_a_file_of_degenerate_rows_says_what_a_usable_row_holds(kind, row, fix, tmp_path):
+    from m1_align.data.user_data import DataError, load_user_data
+
+    with pytest.raises(DataError, match=rf"^d\.jsonl: every row is degenerate \(2 with an empty \w+( \w+)?\), nothing to train on; {fix}$"):
+        load_user_data(jsonl(tmp_path / "d.jsonl", [row, row]), kind)
 
 
 def test_a_trainer_checkpoint_counts_only_when_complete(tmp_path, capsys):
@@ -272,15 +319,16 @@ def test_a_torn_metrics_line_is_dropped_with_a_note(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("error, expected", [
-    (OSError(errno.ENOSPC, "No space left on device", "/runs/x/model.safetensors"), "disk full while writing /runs/x/model.safetensors"),
+    (OSError(errno.ENOSPC, "No space left on device", "/runs/x/model.safetensors"),
+     "disk full writing /runs/x/model.safetensors: free space (df -h) or set output_dir on another disk, then run the same "
+     "command to resume"),
     # a failed write is called a full disk only when the disk is full (test_a_full_disk_is_one_line_and_says_so)
     (RuntimeError("[enforce fail at inline_container.cc:626] . PytorchStreamWriter failed writing file data/0: file write failed"), None),
-    (OSError(errno.EROFS, "Read-only file system", "/mnt/ro/run"), "cannot write /mnt/ro/run (Read-only file system)"),
+    (OSError(errno.EROFS, "Read-only file system", "/mnt/ro/run"), "cannot write /mnt/ro/run (Read-only file system); choose an output_dir you can write to"),
     (RuntimeError("a bug"), None),
 ])
 def test_file_system_faults_become_one_line(error, expected):
-    message = _user_message(error)
-    assert message == expected if expected is None else message.startswith(expected)
+    assert _user_message(error) == expected
 
 
 def test_import_m1_align_registers_the_hybrid_model_lazily(tiny_model_dir):
@@ -311,7 +359,91 @@ def test_a_full_disk_is_one_line_and_says_so(good, tmp_path, capsys):
                 "train.save_steps=1", "train.batch_size=2", "train.max_length=128", "train.eval_limit=1"]
         assert main(argv) == 2
         errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error: ")]
-        assert len(errors) == 1 and errors[0].startswith("error: disk full while writing"), errors
-        assert "MiB free" in errors[0] and "run the same command again to resume" in errors[0]
+        assert len(errors) == 1 and errors[0].startswith(f"error: disk full writing {disk / 'out'}"), errors
+        assert "MiB free): free space (df -h)" in errors[0] and errors[0].endswith("run the same command to resume")
+        assert len(errors[0]) - len(str(disk)) < 140  # under two terminal lines beside the path, not four
     finally:
         subprocess.run(["umount", "-l", str(disk)], check=False)  # lazy: the failed run may still hold a file open
+
+
+def test_a_model_trained_on_the_same_build_is_continued(good, tmp_path):
+    from m1_align.config import SCHEMAS, validate
+    from m1_align.training import check_inputs
+
+    model = good.model_copy(tmp_path)
+    settings = "\n".join(f"  {k}: {v}" for k, v in SMALL_DATA.items())
+    write(model / "m1_align_config.yaml", f"data:\n{settings}\n  cache_dir: elsewhere\n  tasks: [elixhauser]\n")
+    overrides = {"model": {"path": str(model)}, "data": dict(SMALL_DATA)}
+    check_inputs(validate(SCHEMAS["sft"], overrides, "test"))  # where the cache lives and the tasks are not the build
+    check_inputs(validate(SCHEMAS["sft"], {**overrides, "data": {"builtin": False}}, "test"))  # no built data here
+
+
+def test_a_hub_id_is_told_from_a_mistyped_local_path(tmp_path, monkeypatch):
+    from m1_align.training import looks_like_hub_id
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs").mkdir()
+    assert looks_like_hub_id("HuggingFaceTB/SmolLM2-135M") and looks_like_hub_id("org/model.v2")
+    assert not looks_like_hub_id("runs/sfy")  # under a folder that is here: a typo, told as "no Hugging Face model"
+    for local in ("./org/model", "/org/model", "org/model/sub", "model"):
+        assert not looks_like_hub_id(local), local
+
+
+def _without_chat_template(folder: Path) -> Path:
+    (folder / "chat_template.jinja").unlink(missing_ok=True)
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    config.pop("chat_template", None)
+    write(folder / "tokenizer_config.json", json.dumps(config))
+    return folder
+
+
+def test_a_model_without_a_chat_template_is_told_which_template_it_gets(good, tiny_model_dir, tmp_path, capsys):
+    from m1_align.config import ModelConfig
+    from m1_align.training import load_tokenizer
+
+    llama = _without_chat_template(good.model_copy(tmp_path))
+    assert load_tokenizer(ModelConfig(), llama).chat_template is None
+    err = capsys.readouterr().err
+    assert f"warning: the tokenizer in {llama} has no chat template, so conversations use Baichuan-M1's" in err
+    assert f"save its template as {llama}/chat_template.jinja" in err
+    load_tokenizer(ModelConfig(), llama)
+    assert capsys.readouterr().err == ""  # once per folder
+    assert load_tokenizer(ModelConfig(), good.model).chat_template  # its own template: nothing to say
+    hybrid = _without_chat_template(Path(shutil.copytree(tiny_model_dir, tmp_path / "hybrid")))
+    load_tokenizer(ModelConfig(), hybrid)  # Baichuan-M1's template is the hybrid's own
+    assert capsys.readouterr().err == ""
+
+
+def test_one_deepspeed_config_train_deepspeed_wins_over_the_accelerate_configs_file(good, tmp_path, monkeypatch, capsys):
+    """`accelerate launch --config_file configs/accelerate/...` passes its deepspeed_config_file on in the environment;
+    train.deepspeed, when set, is the one used by every stage (the online loop too), with a warning naming both."""
+    from m1_align.config import SCHEMAS, ConfigError, validate
+    from m1_align.rl.loop import OnlineLoop
+    from m1_align.training import check_inputs, deepspeed_file
+
+    def config(stage="grpo", **train):
+        return validate(SCHEMAS[stage], {"model": {"path": str(good.model)}, "data": dict(SMALL_DATA), "train": train}, "test")
+
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_CONFIG_FILE", "configs/deepspeed/zero3.json")
+    zero2 = config(deepspeed="configs/deepspeed/zero2.json")
+    check_inputs(zero2)
+    assert deepspeed_file(zero2.train) == "configs/deepspeed/zero2.json"
+    assert capsys.readouterr().err.strip() == (
+        "warning: DeepSpeed config configs/deepspeed/zero2.json (train.deepspeed) is used, not configs/deepspeed/zero3.json "
+        "(the accelerate config's deepspeed_config_file); name one file in one place")
+    loop = SimpleNamespace(cfg=zero2, world_size=2)
+    assert OnlineLoop._deepspeed_config(loop)["zero_optimization"]["stage"] == 2  # the online loop follows the rule
+
+    check_inputs(config(deepspeed=str(Path("configs/deepspeed/zero3.json").resolve())))  # the same file: nothing to say
+    launched = config("sft")
+    check_inputs(launched)
+    assert capsys.readouterr().err == "" and deepspeed_file(launched.train) == "configs/deepspeed/zero3.json"
+    assert OnlineLoop._deepspeed_config(SimpleNamespace(cfg=config(), world_size=2))["zero_optimization"]["stage"] == 3
+
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_CONFIG_FILE", str(tmp_path / "zero9.json"))
+    with pytest.raises(ConfigError, match=r"^the accelerate config's deepspeed_config_file: .*zero9\.json not found"):
+        check_inputs(launched)
+    monkeypatch.delenv("ACCELERATE_USE_DEEPSPEED")
+    check_inputs(launched)  # not launched with DeepSpeed: the variable is not read
+    assert deepspeed_file(launched.train) is None

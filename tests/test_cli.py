@@ -37,6 +37,21 @@ def test_print_config_applies_overrides(capsys):
     assert printed["tdpo"]["beta"] == 0.2 and printed["tdpo"]["loss"] == "tdpo2"
 
 
+def test_overrides_after_only_and_from_are_taken(capsys):
+    """The example at the top of configs/quickstart.yaml puts its override after `--only sft`."""
+    example = next(line.split("m1-align", 1)[1].split() for line in open("configs/quickstart.yaml")
+                   if "--only" in line and "=" in line)
+    assert main([*example, "--print-config"]) == 0
+    assert yaml.safe_load(capsys.readouterr().out)["stages"]["sft"]["train"]["learning_rate"] == 1e-3
+    assert main(["pipeline", "configs/quickstart.yaml", "--from", "rm", "stages.rm.train.max_steps=3", "--print-config"]) == 0
+    assert yaml.safe_load(capsys.readouterr().out)["stages"]["rm"]["train"]["max_steps"] == 3
+    assert main(["eval", "--print-config", "eval.limit=3"]) == 0
+    assert yaml.safe_load(capsys.readouterr().out)["eval"]["limit"] == 3
+    with pytest.raises(SystemExit) as exit_:  # an unknown flag is still refused
+        main(["pipeline", "configs/quickstart.yaml", "--only", "rm", "--bogus"])
+    assert exit_.value.code == 2 and "unrecognized arguments: --bogus" in capsys.readouterr().err
+
+
 def test_misspelt_key_gives_one_line_with_suggestion(tmp_path):
     path = tmp_path / "x.yaml"
     path.write_text("train:\n  lerning_rate: 1.0e-5\n")

@@ -126,3 +126,32 @@ def test_two_processes_share_the_sampling_and_stop_together_on_no_pairs(data_cac
     assert done.returncode != 0
     assert done.stderr.count("none of 6 questions had both a right and a wrong answer") == 2, done.stderr[-3000:]
     assert not (out / "pairs.jsonl").exists()
+
+
+def test_on_policy_pairs_sample_the_users_own_questions_from_the_command_line(data_cache, tiny_llama_dir, tmp_path,
+                                                                              monkeypatch, capsys):
+    """`tdpo.pairs=on_policy data.train_file=FILE`: FILE holds questions with answers (the rl shape), which the
+    start-up check accepts and the sampler reads; the pairs are the model's answers to those questions."""
+    from conftest import SMALL_DATA
+
+    from m1_align.cli import main
+    from m1_align.preference import on_policy
+
+    monkeypatch.setattr(on_policy, "rule_score", lambda rule, text, gold: type("S", (), {"score": parity(None, text)}))
+    monkeypatch.setattr(on_policy, "SamplingSettings",
+                        lambda **k: SamplingSettings(**{**k, "stop_token_ids": tuple(range(0, 2000, 2))}))
+    questions = [f"Which ICD-10 code is condition number {i}?" for i in range(6)]
+    user = tmp_path / "questions.jsonl"
+    user.write_text("".join(json.dumps({"prompt": q, "answer": f"X{i}", **({"rule": "exact_term"} if i % 2 else {})}) + "\n"
+                            for i, q in enumerate(questions)))
+    out = tmp_path / "tdpo"
+    argv = ["tdpo", f"output_dir={out}", f"model.path={tiny_llama_dir}", f"data.cache_dir={data_cache}",
+            *(f"data.{k}={v}" for k, v in SMALL_DATA.items()), "model.dtype=float32", "tdpo.pairs=on_policy",
+            f"data.train_file={user}", "tdpo.pair_prompts=6", "rollout.engine=hf", "rollout.max_new_tokens=8",
+            "train.max_steps=2", "train.batch_size=2", "train.max_length=128", "train.eval_limit=1",
+            "train.eval_max_new_tokens=4"]
+    assert main(argv) == 0, capsys.readouterr().err[-2000:]
+    pairs = [json.loads(line) for line in (out / "pairs.jsonl").read_text().splitlines()]
+    assert pairs and {p["prompt"][-1]["content"] for p in pairs} <= set(questions)
+    assert all(p["task"] == "user" for p in pairs)
+    assert json.loads((out / "result.json").read_text())["metrics"]["steps"] == 2

@@ -94,7 +94,8 @@ def test_every_shipped_config_validates():
 
     from m1_align.config import load_config
 
-    schema_of = {"sft": "sft", "tdpo": "tdpo", "elo": "elo", "ppo": "ppo", "rm": "rm", "grpo": "grpo", "smollm2": "pipeline"}
+    schema_of = {"sft": "sft", "tdpo": "tdpo", "elo": "elo", "ppo": "ppo", "rm": "rm", "grpo": "grpo", "smollm2": "pipeline",
+                 "data": "data"}
     for path in sorted(Path("configs").rglob("*.yaml")):
         if path.parent.name == "accelerate":
             continue
@@ -160,3 +161,89 @@ def test_pipeline_from_a_pretrained_model_evaluates_it_as_base_and_runs_grpo_bes
         assert (run_dir / stage / "result.json").is_file()
     header = next(line for line in (run_dir / "report.md").read_text().splitlines() if line.startswith("| metric |"))
     assert header.startswith("| metric | base | sft | elo | tdpo | rm | ppo | grpo |")
+
+
+def _write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_every_stage_is_checked_before_the_first_runs_and_before_anything_is_written(tmp_path, tiny_llama_dir):
+    """A bad file for TDPO stops the run at once, not after SFT and ELO; the run folder stays untouched. The
+    models the earlier stages will write do not exist yet and are not looked for."""
+    from m1_align import pipeline
+
+    run_dir = tmp_path / "run"
+    good = load_config("pipeline", "configs/smollm2.yaml", [f"run_dir={run_dir}", f"stages.sft.model.path={tiny_llama_dir}"])
+    configs = pipeline.stage_configs(good)
+    pipeline.check_stages(good, configs, list(configs), set())  # elo..grpo start from models not written yet
+
+    questions = _write_jsonl(tmp_path / "questions.jsonl", [{"prompt": "ICD-10 code for essential hypertension?", "answer": "I10"}])
+    bad = load_config("pipeline", "configs/smollm2.yaml", [f"run_dir={run_dir}", f"stages.sft.model.path={tiny_llama_dir}",
+                                                           "stages.tdpo.tdpo.pairs=built", f"stages.tdpo.data.train_file={questions}"])
+    with pytest.raises(Exception, match=r"^stages\.tdpo: data\.train_file: questions\.jsonl line 1: missing keys chosen, rejected"):
+        pipeline.run(bad)
+    assert not run_dir.exists()
+
+    no_model = load_config("pipeline", "configs/smollm2.yaml", [f"run_dir={run_dir}", f"stages.sft.model.path={tmp_path / 'nowhere'}"])
+    with pytest.raises(Exception, match=r"^stages\.sft: model path .*nowhere holds no Hugging Face model"):
+        pipeline.run(no_model)
+    assert not run_dir.exists()
+
+
+def test_a_pipeline_level_data_file_that_a_stage_cannot_read_names_the_stage_and_the_per_stage_form(tmp_path, tiny_llama_dir):
+    from m1_align import pipeline
+
+    conversations = _write_jsonl(tmp_path / "chats.jsonl", [{"prompt": "What does CKD stand for?", "completion": "Chronic kidney disease"}])
+    cfg = load_config("pipeline", "configs/smollm2.yaml", [f"run_dir={tmp_path / 'run'}", f"stages.sft.model.path={tiny_llama_dir}",
+                                                           f"data.train_file={conversations}"])
+    with pytest.raises(Exception, match=r"^stages\.elo reads the pipeline's data\.train_file: chats\.jsonl line 1: missing key "
+                                        r"answer.*give this stage its file with stages\.elo\.data\.train_file=FILE$"):
+        pipeline.run(cfg)
+    # the per-stage form: the conversations for SFT only; the other stages keep the built data
+    per_stage = load_config("pipeline", "configs/smollm2.yaml", [f"run_dir={tmp_path / 'run'}", f"stages.sft.model.path={tiny_llama_dir}",
+                                                                 f"stages.sft.data.train_file={conversations}"])
+    configs = pipeline.stage_configs(per_stage)
+    assert configs["sft"].data.train_file == str(conversations) and configs["elo"].data.train_file is None
+    pipeline.check_stages(per_stage, configs, list(configs), set())
+
+
+def test_only_a_stage_the_pipeline_lacks_refuses_before_writing_the_runs_config(tmp_path):
+    from m1_align import pipeline
+    from m1_align.config import ConfigError
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "config.yaml").write_text("the recorded config of an earlier run\n")
+    cfg = load_config("pipeline", "configs/quickstart.yaml", [f"run_dir={run_dir}"])
+    for flags in ({"only": "grpo"}, {"start": "grpo"}):
+        with pytest.raises(ConfigError, match="grpo: not a stage of this pipeline"):
+            pipeline.run(cfg, **flags)
+    assert (run_dir / "config.yaml").read_text() == "the recorded config of an earlier run\n"
+
+
+def test_the_stage_configs_build_the_data_of_the_pipeline_they_continue():
+    """configs/sft.yaml ... continue runs/quickstart: the same build, so the same held-out questions."""
+    from m1_align.data.build import build_dir_name
+
+    def build(stage, path):
+        data = load_config(stage, path).data
+        return data.cache_dir, build_dir_name(data.seed, data.max_per_task, data.eval_per_task)
+
+    pipeline_build = build("pipeline", "configs/quickstart.yaml")
+    for stage in ("sft", "elo", "tdpo", "rm", "ppo", "grpo"):
+        assert build(stage, f"configs/{stage}.yaml") == pipeline_build, stage
+    assert build("pipeline", "configs/smollm2.yaml") == pipeline_build
+    assert build("sft", "configs/baichuan-m1-14b/sft.yaml") == build("pipeline", "configs/baichuan-m1-14b/pipeline.yaml")
+
+
+def test_a_stage_whose_split_differs_from_the_stage_it_continues_is_refused_before_the_run(tmp_path, tiny_llama_dir):
+    from m1_align import pipeline
+    from m1_align.config import ConfigError
+
+    cfg = load_config("pipeline", "configs/smollm2.yaml", [f"run_dir={tmp_path / 'run'}", f"stages.sft.model.path={tiny_llama_dir}",
+                                                           "stages.tdpo.data.eval_per_task=50"])
+    with pytest.raises(ConfigError, match=r"^stages\.tdpo: data\.eval_per_task=50, but stage elo, whose model it starts "
+                                          r"from, was trained on the data built with eval_per_task 100: .*set data\.eval_per_task=100"):
+        pipeline.run(cfg)
+    assert not (tmp_path / "run").exists()

@@ -60,6 +60,11 @@ def degenerate_reason(row: dict[str, Any], kind: str) -> str | None:
     return None
 
 
+# what a row of each kind needs to teach something (degenerate_reason), said when no row has it
+USABLE_ROW = {"preference": "give each pair a non-empty chosen and rejected that differ",
+              "rl": "give each question a non-empty answer", "sft": "give each conversation an assistant reply with text"}
+
+
 def drop_degenerate(rows: list[dict[str, Any]], kind: str, source: str) -> list[dict[str, Any]]:
     """Drop rows that carry no signal, with a count per reason; all of them degenerate is an error."""
     reasons = Counter()
@@ -73,7 +78,7 @@ def drop_degenerate(rows: list[dict[str, Any]], kind: str, source: str) -> list[
     if reasons:
         counts = ", ".join(f"{n} with {reason}" for reason, n in reasons.most_common())
         if not kept:
-            raise DataError(f"{source}: every row is degenerate ({counts}); nothing to train on")
+            raise DataError(f"{source}: every row is degenerate ({counts}), nothing to train on; {USABLE_ROW[kind]}")
         print(f"warning: {source}: dropped {len(rows) - len(kept)} of {len(rows)} rows ({counts}); they carry no signal",
               file=sys.stderr)
     return kept

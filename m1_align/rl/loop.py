@@ -48,6 +48,7 @@ from m1_align.training import (
     check_adapter,
     check_inputs,
     compute_dtype,
+    deepspeed_file,
     load_model,
     load_tokenizer,
     peft_config,
@@ -309,9 +310,7 @@ class OnlineLoop:
     # -- setup -------------------------------------------------------------------------------------
     def _deepspeed_config(self) -> dict | None:
         t, dtype = self.cfg.train, compute_dtype(self.cfg.model.dtype)
-        source = t.deepspeed
-        if source is None and os.environ.get("ACCELERATE_USE_DEEPSPEED") == "true":  # accelerate launch, DeepSpeed config
-            source = os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE")
+        source = deepspeed_file(t)
         return deepspeed_config(source, self.world_size, t.max_grad_norm, dtype) if source else None
 
     def _make_engine(self, model_dir: Path):
