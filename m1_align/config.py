@@ -239,7 +239,8 @@ class TrainConfig(Section):
         "Also send metrics to these trackers; metrics.jsonl in output_dir is always written."))
     deepspeed: str | None = Field(None, description=(
         "A DeepSpeed JSON config for ZeRO-2/3 across processes, e.g. configs/deepspeed/zero2.json; null: plain "
-        "data parallelism (or a single process)."))
+        "data parallelism (or a single process). Wins over the accelerate config's deepspeed_config_file (used when "
+        "this is unset; a warning names the file ignored)."))
     resume: bool = Field(True, description="Continue from the last checkpoint in output_dir when there is one.")
     padding_free: bool = Field(True, description=(
         "Online stages (elo, ppo, grpo): pack the samples into rows without padding, positions restarting per "

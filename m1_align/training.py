@@ -146,7 +146,7 @@ def check_data_files(cfg: StageConfig) -> None:
             raise error from None
 
 
-BUILD_KEYS = ("seed", "max_per_task", "eval_per_task")  # what names a build of the data (build.build_dir_name)
+BUILD_KEYS = ("seed", "max_per_task", "eval_per_task", "medcalc")  # what names a build of the data (build.build_dir)
 
 
 def split_difference(here: DataConfig, there: dict[str, Any]) -> list[tuple[str, Any, Any]]:
@@ -156,8 +156,9 @@ def split_difference(here: DataConfig, there: dict[str, Any]) -> list[tuple[str,
     defaults = DataConfig()
     if not (here.builtin and there.get("builtin", True)):
         return []
-    recorded = {key: there.get(key, getattr(defaults, key)) for key in BUILD_KEYS}
-    return [(key, getattr(here, key), recorded[key]) for key in BUILD_KEYS if getattr(here, key) != recorded[key]]
+    here_values = here.model_dump(mode="json")
+    recorded = {key: there.get(key, defaults.model_dump(mode="json")[key]) for key in BUILD_KEYS}
+    return [(key, here_values[key], recorded[key]) for key in BUILD_KEYS if here_values[key] != recorded[key]]
 
 
 def split_refusal(differences: list[tuple[str, Any, Any]], source: str) -> str:
