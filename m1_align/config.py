@@ -865,6 +865,12 @@ def _section_model(annotation: Any) -> type[BaseModel] | None:
     return annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else None
 
 
+def _optional_section(annotation: Any) -> type[BaseModel] | None:
+    """The config model of an optional sub-config (`X | None`, e.g. data.medcalc); None for anything else."""
+    models = [a for a in get_args(annotation) if isinstance(a, type) and issubclass(a, BaseModel)]
+    return models[0] if len(models) == 1 and type(None) in get_args(annotation) else None
+
+
 def type_label(annotation: Any) -> str:
     """A field's type as --help shows it: INT, FLOAT, STR, BOOL, {choice,...}, [ITEM,...], X|null."""
     origin, args = get_origin(annotation), get_args(annotation)
@@ -911,6 +917,9 @@ def section_docs(schema: type[BaseModel]) -> list[SectionDoc]:
             sub = _section_model(field.annotation)
             if sub is not None:
                 walk(sub, defaults[name], f"{prefix}{name}.", field.description or "")
+            elif (optional := _optional_section(field.annotation)) is not None:  # off by default; its keys when on
+                walk(optional, optional().model_dump(mode="json"), f"{prefix}{name}.",
+                     f"when {prefix}{name} is set: " + (field.description or ""))
 
     walk(schema, schema().model_dump(mode="json"), "", "")
     return [s for s in sections if s.fields]
