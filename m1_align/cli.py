@@ -152,6 +152,10 @@ def _run_stage(stage: str, args: argparse.Namespace) -> int:
     config = _load(stage, args)
     args.output_hint = getattr(config, "output_dir", None) or getattr(config, "run_dir", None)
     if args.print_config:
+        if stage == "pipeline":  # what will run: each stage with its run-dir folder, starting model and data
+            from m1_align.pipeline import resolved, stage_configs
+
+            config = resolved(config, stage_configs(config))
         print_config(stage, config)
         return 0
     if stage == "pipeline":

@@ -247,3 +247,22 @@ def test_a_stage_whose_split_differs_from_the_stage_it_continues_is_refused_befo
                                           r"from, was trained on the data built with eval_per_task 100: .*set data\.eval_per_task=100"):
         pipeline.run(cfg)
     assert not (tmp_path / "run").exists()
+
+
+def test_pipeline_print_config_is_the_config_the_run_records(capsys, tmp_path):
+    """`pipeline --print-config` shows each stage as it will run (its folder under run_dir, the model it starts
+    from, the pipeline's data), which is what the run writes to run_dir/config.yaml."""
+    import yaml
+
+    from m1_align.cli import main
+    from m1_align.config import PipelineConfig, dump_config, load_config
+    from m1_align.pipeline import resolved, stage_configs
+
+    run_dir = tmp_path / "run"
+    assert main(["pipeline", "configs/smollm2.yaml", f"run_dir={run_dir}", "--print-config"]) == 0
+    printed = PipelineConfig.model_validate(yaml.safe_load(capsys.readouterr().out))
+    cfg = load_config("pipeline", "configs/smollm2.yaml", [f"run_dir={run_dir}"])
+    recorded = PipelineConfig.model_validate(yaml.safe_load(dump_config(resolved(cfg, stage_configs(cfg)))))
+    assert printed.model_dump() == recorded.model_dump()
+    assert printed.stages.tdpo.output_dir == str(run_dir / "tdpo")
+    assert printed.stages.tdpo.model.path == str(run_dir / "elo")  # the previous policy stage's model
