@@ -127,15 +127,28 @@ class MedcalcData(Section):
         description="calculators kept out of all training data: evaluated only, as the task medcalc_unseen",
     )
 
-    @field_validator("heldout_calculators")
-    @classmethod
-    def _known_calculators(cls, value: list[str]) -> list[str]:
-        from m1_align.data.medcalc import CALCULATORS, check_calculators
+    calculators: list[str] | None = Field(None, description=(
+        "The calculators of the family, held-out ones included; null: all of them. RL on 2 CPU cores wants those "
+        "whose worked explanation is short (equations such as bmi_calculator, mean_arterial_pressure, dates): a "
+        "score's explanation runs to 400-700 tokens."))
 
-        check_calculators(value, "heldout_calculators")
-        if len(set(value)) == len(CALCULATORS):
-            raise ValueError("heldout_calculators holds every calculator: leave at least one to train on")
+    @field_validator("heldout_calculators", "calculators")
+    @classmethod
+    def _known_calculators(cls, value: list[str] | None, info) -> list[str] | None:
+        from m1_align.data.medcalc import check_calculators
+
+        if value is not None:
+            check_calculators(value, info.field_name)
         return value
+
+    @model_validator(mode="after")
+    def _something_to_train_on(self):
+        from m1_align.data.medcalc import CALCULATORS
+
+        family = set(self.calculators if self.calculators is not None else CALCULATORS)
+        if not family - set(self.heldout_calculators):
+            raise ValueError("heldout_calculators holds every calculator of the family: leave at least one to train on")
+        return self
 
 
 def _medcalc_default_heldout() -> tuple[str, ...]:

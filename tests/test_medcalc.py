@@ -272,3 +272,16 @@ def test_config_names_unknown_calculators_and_accepts_family_tasks():
     with pytest.raises(ValueError, match="at least one to train on"):
         DataConfig(medcalc={"heldout_calculators": list(CALCULATORS)})
     assert DataConfig(tasks=["medcalc_score", "icd_code"]).tasks == ["medcalc_score", "icd_code"]
+
+
+def test_a_subset_of_calculators_keeps_their_patients():
+    """medcalc.calculators keeps part of the family; each calculator draws from its own stream, so the kept
+    ones hold exactly the questions they hold in the whole family."""
+    kept = ["bmi_calculator", "mean_arterial_pressure", "conception_date"]
+    part = medcalc_sets(7, 3, 2, heldout_calculators=["conception_date"], calculators=kept)
+    whole = medcalc_sets(7, 3, 2, heldout_calculators=["conception_date"])
+    for side, questions in part.items():
+        assert {q.calculator for q in questions} <= set(kept)
+        assert [q.example.item for q in questions] == [q.example.item for q in whole[side] if q.calculator in kept]
+    with pytest.raises(ValueError, match="leave at least one to train on"):
+        DataConfig(medcalc={"calculators": ["conception_date"], "heldout_calculators": ["conception_date"]})

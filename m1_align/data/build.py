@@ -381,7 +381,7 @@ def build_dir_name(seed: int, max_per_task: int, eval_per_task: int) -> str:
 
 
 def _medcalc_settings(data_config: Any) -> dict[str, Any] | None:
-    return data_config.medcalc.model_dump() if getattr(data_config, "medcalc", None) is not None else None
+    return data_config.medcalc.model_dump(exclude_none=True) if getattr(data_config, "medcalc", None) is not None else None
 
 
 def build_dir(data_config: Any) -> Path:

@@ -832,6 +832,7 @@ def medcalc_sets(
     train_per_calculator: int,
     eval_per_calculator: int,
     heldout_calculators: list[str] | tuple[str, ...] = DEFAULT_HELDOUT,
+    calculators: list[str] | tuple[str, ...] | None = None,
 ) -> dict[str, list[MedcalcQuestion]]:
     """Questions per side: "sft", "preference", "rl" (training), "test" and "dev" (held out).
 
@@ -839,12 +840,17 @@ def medcalc_sets(
     questions do not change with the training budget. Held-out calculators give test and dev questions only,
     under the task `medcalc_unseen`. Each side lists its questions round-robin over calculators, so any prefix
     of a task is balanced. Decoys (the preference negatives) come from a separate stream that also never
-    repeats a patient of any side."""
+    repeats a patient of any side. `calculators` (None: all) keeps some of the family: every calculator draws
+    from its own seeded stream, so the others' patients do not change."""
     check_calculators(heldout_calculators, "medcalc.heldout_calculators")
+    if calculators is not None:
+        check_calculators(calculators, "medcalc.calculators")
     sides: dict[str, dict[str, list[MedcalcQuestion]]] = {
         s: {} for s in ("test", "dev", "sft", "preference", "rl")
     }
     for name, calculator in CALCULATORS.items():
+        if calculators is not None and name not in calculators:
+            continue
         unseen = name in heldout_calculators
         task = UNSEEN_TASK if unseen else f"medcalc_{calculator.kind}"
         taken: set[str] = set()
