@@ -1,4 +1,4 @@
-"""The README's results tables: held-out metrics of every stage over several seeds of a pipeline.
+"""The results tables of docs/RESULTS.md: held-out metrics of every stage over several seeds of a pipeline.
 
     .venv/bin/python scripts/seed_table.py runs/smollm2-seed42 runs/smollm2-seed43 runs/smollm2-seed44 [--plot FILE.png]
 
