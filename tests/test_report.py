@@ -20,7 +20,7 @@ from m1_align.evaluation.report import (  # noqa: E402
     write_run_report,
 )
 
-STAGES = ("base", "sft", "tdpo", "rm", "ppo")
+STAGES = ("base", "sft", "elo", "tdpo", "rm", "ppo")
 
 
 def benchmark_eval(verifiable: float, loglik: float, generation: float) -> dict:
@@ -47,6 +47,8 @@ def benchmark_eval(verifiable: float, loglik: float, generation: float) -> dict:
 # run_dir/<stage>/eval.json as training.finish_stage and the online loop write them
 OWN_EVAL = {
     "sft": {"train_loss": 1.75, "steps": 400, "eval_loss": 1.55, "verifiable/n": 8, "verifiable/accuracy": 0.5},
+    "elo": {"initial/verifiable/n": 8, "initial/verifiable/accuracy": 0.5, "initial/gold_answer_logp": -15.2,
+            "verifiable/n": 8, "verifiable/accuracy": 0.625, "gold_answer_logp": -15.5, "steps": 20},
     "tdpo": {"before/rewards/accuracy": 0.0, "before/preference/accuracy": 0.79, "train_loss": 0.38, "steps": 50,
              "rewards/margin": 2.0, "rewards/accuracy": 0.75, "preference/accuracy": 0.8,
              "seqkl/chosen": 1.66, "verifiable/n": 8, "verifiable/accuracy": 0.25},
@@ -55,7 +57,9 @@ OWN_EVAL = {
     "ppo": {"initial/verifiable/n": 8, "initial/verifiable/accuracy": 0.25, "verifiable/n": 8,
             "verifiable/accuracy": 0.375, "steps": 20},
 }
-HELDOUT = {  # 6/40 verifiable right after TDPO, 3/10 MMLU letters generated
+# 6/40 verifiable right after TDPO, 3/10 MMLU letters generated; ELO's evaluation was interrupted and
+# rm (a reward model) has none
+HELDOUT = {
     "base": benchmark_eval(0.1, 0.2, 0.1),
     "sft": benchmark_eval(0.2, 0.3, 0.2),
     "tdpo": benchmark_eval(0.15, 0.3, 0.3),
@@ -73,7 +77,7 @@ def run_dir(tmp_path):
             (folder / "result.json").write_text(json.dumps({"stage": stage, "metrics": OWN_EVAL[stage], "seconds": 9.0}))
             records = [{"step": s, "time": 1.0 * s, "loss": 2.0 - 0.1 * s} for s in (10, 20, 30)]
             (folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
-        if stage in HELDOUT:  # rm has no held-out benchmark evaluation: the pipeline evaluates policies only
+        if stage in HELDOUT:
             (folder / "eval" / "eval.json").write_text(json.dumps(HELDOUT[stage], indent=2))
     return tmp_path
 
@@ -88,20 +92,22 @@ def test_wilson_interval_matches_hand_computation():
     assert low == pytest.approx(0.070611, abs=2e-6) and high == pytest.approx(0.290727, abs=2e-6)
 
 
-def test_heldout_figure_has_an_interval_per_stage_and_a_gap_at_the_reward_model(run_dir):
+def test_heldout_figure_has_an_interval_per_stage_and_gaps_where_no_benchmark_ran(run_dir):
     stage_dirs = {s: run_dir / s for s in STAGES}
     points = heldout_points(stage_dirs)
     # the trainers' own pair accuracies and their smaller verifiable sets stay out of the held-out panels
     assert list(points) == ["verifiable/accuracy", "mmlu_medical/accuracy_loglik", "mmlu_medical/accuracy_generation"]
     fig, axes = plt.subplots(1, len(points))
     draw_heldout(list(axes), list(STAGES), points)
-    tdpo, rm = STAGES.index("tdpo"), STAGES.index("rm")
+    tdpo = STAGES.index("tdpo")
     for ax, key in zip(axes, points, strict=True):
-        line, _, (bars,) = ax.containers[0]
+        line = ax.containers[0][0]
         assert list(line.get_xdata()) == list(range(len(STAGES)))  # every stage keeps its place on the axis
-        values = list(line.get_ydata())
-        assert math.isnan(values[rm]), f"{key}: a line is drawn through the rm stage"
-        assert values[:rm] + values[rm + 1 :] == [HELDOUT[s][key] for s in STAGES if s != "rm"]
+        drawn = dict(zip(STAGES, line.get_ydata(), strict=True))
+        # NaN breaks the line: none is drawn through ELO (its trainer's 8-question score is not this
+        # benchmark) nor through the reward model
+        assert math.isnan(drawn.pop("elo")) and math.isnan(drawn.pop("rm")), key
+        assert drawn == {s: HELDOUT[s][key] for s in drawn}
     bars = {key: ax.containers[0][2][0].get_segments() for ax, key in zip(axes, points, strict=True)}
     (_, low), (_, high) = bars["verifiable/accuracy"][tdpo]
     assert (low, high) == pytest.approx((0.070611, 0.290727), abs=2e-6)  # 6 of 40, computed above
@@ -113,10 +119,10 @@ def test_heldout_figure_has_an_interval_per_stage_and_a_gap_at_the_reward_model(
 def test_trainer_pair_accuracy_is_apart_and_only_where_reported(run_dir):
     series = trainer_points({s: run_dir / s for s in STAGES})
     shown = {key: ["gap" if math.isnan(v) else v for v in values] for key, values in series.items()}
-    assert shown == {  # stages: base, sft, tdpo, rm, ppo
-        "rewards/accuracy": ["gap", "gap", 0.75, "gap", "gap"],
-        "preference/accuracy": ["gap", "gap", 0.8, "gap", "gap"],
-        "accuracy": ["gap", "gap", "gap", 0.8, "gap"],
+    assert shown == {  # stages: base, sft, elo, tdpo, rm, ppo
+        "rewards/accuracy": ["gap", "gap", "gap", 0.75, "gap", "gap"],
+        "preference/accuracy": ["gap", "gap", "gap", 0.8, "gap", "gap"],
+        "accuracy": ["gap", "gap", "gap", "gap", 0.8, "gap"],
     }
 
 
