@@ -134,3 +134,22 @@ def test_report_writes_a_figure_per_kind_and_references_each(run_dir):
     assert "95% Wilson interval" in text
     assert sorted(p.name for p in (run_dir / "plots").iterdir()) == [
         "heldout_accuracy.png", "loss.png", "trainer_accuracy.png"]
+
+
+def test_seed_table_plot_leaves_a_gap_where_a_run_has_no_value(run_dir, tmp_path_factory):
+    import importlib.util
+    import shutil
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("seed_table", Path(__file__).parents[1] / "scripts" / "seed_table.py")
+    seed_table = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(seed_table)
+    other = Path(shutil.copytree(run_dir, tmp_path_factory.mktemp("seed43") / "run"))
+    shutil.rmtree(other / "sft" / "eval")  # this run's SFT evaluation is missing
+    fig = seed_table.plot([str(run_dir), str(other)], str(other / "stages.png"))
+    stages = [t.get_text() for t in fig.axes[0].get_xticklabels()]
+    assert stages == ["base", "sft", "tdpo", "ppo"]
+    complete, gapped = (list(line.get_ydata()) for line in fig.axes[0].lines[:2])
+    assert complete == [0.1, 0.2, 0.15, 0.25]
+    assert math.isnan(gapped[1]) and gapped[:1] + gapped[2:] == [0.1, 0.15, 0.25]
+    plt.close(fig)
