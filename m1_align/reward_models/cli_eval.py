@@ -49,6 +49,9 @@ def run(cfg: RMEvalConfig) -> StageResult:
         raise ConfigError(
             "rm-eval needs a reward model: pass its folder (or a finished rm stage) or set model.path"
         )
+    if not Path(cfg.model.path).expanduser().exists():
+        raise ConfigError(f"reward model path {cfg.model.path} does not exist; pass a reward model folder or a "
+                          "finished rm stage's output dir (runs/NAME/rm)")
     try:
         model_dir = resolve_model_dir(cfg.model.path)
     except ModelPathError as err:
