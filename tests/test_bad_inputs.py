@@ -173,6 +173,14 @@ def rm_eval_run_missing(tmp, good):
     return ["rm-eval", str(tmp / "runs" / "missing"), f"output_dir={tmp / 'out'}", *good.data]
 
 
+def eval_hub_id(tmp, good):
+    return ["eval", "HuggingFaceTB/SmolLM2-135M-Instruct", f"output_dir={tmp / 'out'}", *good.data]
+
+
+def rm_eval_hub_id(tmp, good):
+    return ["rm-eval", "HuggingFaceTB/SmolLM2-135M-Instruct", f"output_dir={tmp / 'out'}", *good.data]
+
+
 def eval_reward_model_missing(tmp, good):
     return ["eval", str(good.model), f"eval.reward_model={tmp / 'rm'}", f"output_dir={tmp / 'out'}", *good.data]
 
@@ -218,6 +226,10 @@ CASES = [
                            r"output dir \(runs/NAME/sft\) or a pipeline run dir \(runs/NAME\)$"),
     Case(rm_eval_run_missing, r"^error: reward model path \S*runs/missing does not exist; pass a reward model folder "
                               r"or a finished rm stage's output dir \(runs/NAME/rm\)$"),
+    Case(eval_hub_id, r"^error: model path HuggingFaceTB/SmolLM2-135M-Instruct is no folder here and looks like a "
+                      r"Hugging Face Hub id; .*`hf download"),
+    Case(rm_eval_hub_id, r"^error: model path HuggingFaceTB/SmolLM2-135M-Instruct is no folder here and looks like "
+                         r"a Hugging Face Hub id; .*`hf download"),
     Case(eval_reward_model_missing, r"^error: eval\.reward_model: model path \S*/rm "),
 ]
 

@@ -31,6 +31,7 @@ from m1_align.training import (
     load_model,
     load_scalar_model,
     load_tokenizer,
+    looks_like_hub_id,
     resolve_model_dir,
 )
 
@@ -48,7 +49,7 @@ HEADLINE = (
 def resolve_target(path: str | Path) -> tuple[Path, Path | None]:
     """(model folder, stage output folder or None) for a model folder, a stage folder or a run folder."""
     path = Path(path).expanduser()
-    if not path.exists():
+    if not path.exists() and not looks_like_hub_id(path):  # a Hub id gets resolve_model_dir's own advice
         raise ModelPathError(f"model path {path} does not exist; pass a model folder, a finished stage's output dir "
                              "(runs/NAME/sft) or a pipeline run dir (runs/NAME)")
     finished = [
