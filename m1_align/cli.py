@@ -135,7 +135,9 @@ def _split_inputs(args: argparse.Namespace) -> None:
     """eval / rm-eval positionals: a leading folder is the model path, then a config, then overrides."""
     inputs = list(args.inputs)
     args.config, args.overrides = None, []
-    if inputs and Path(inputs[0]).is_dir():
+    first = inputs[0] if inputs else ""
+    # a path that is not there is the model too unless named as YAML, so its error names the model path
+    if first and (Path(first).is_dir() or not ("=" in first or Path(first).exists() or first.endswith((".yaml", ".yml")))):
         args.overrides.append(f"model.path={inputs.pop(0)}")
     if inputs and "=" not in inputs[0]:
         args.config = inputs.pop(0)

@@ -22,6 +22,8 @@ from pathlib import Path
 
 import yaml
 
+from m1_align.evaluation.report import wilson_interval as wilson
+
 STAGES = ("base", "pretrain", "sft", "elo", "tdpo", "ppo", "grpo")
 ROWS = [  # (metric, label, count key or None)
     ("verifiable/accuracy", "verifiable tasks, answer accuracy", "verifiable/n"),
@@ -33,15 +35,6 @@ ROWS = [  # (metric, label, count key or None)
     ("mmlu_medical/accuracy_generation", "MMLU-medical, letter from free generation", "mmlu_medical/n_generation"),
     ("mmlu_medical/accuracy_loglik", "MMLU-medical, option log-likelihood", "mmlu_medical/n"),
 ]
-
-
-def wilson(successes: float, n: int, z: float = 1.96) -> tuple[float, float]:
-    if n == 0:
-        return float("nan"), float("nan")
-    p = successes / n
-    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    return max(0.0, centre - half), min(1.0, centre + half)
 
 
 def load(run: Path) -> dict[str, dict]:
@@ -142,7 +135,8 @@ def main(runs: list[str]) -> None:
     paired_table([Path(r) for r in runs])
 
 
-def plot(runs: list[str], path: str) -> None:
+def plot(runs: list[str], path: str):
+    """Write the figure to path and return it."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -153,8 +147,9 @@ def plot(runs: list[str], path: str) -> None:
     stages = [s for s in STAGES if any(key in r.get(s, {}) for r in results)]
     fig, ax = plt.subplots(figsize=(7, 4))
     for run, result in zip(runs, results, strict=True):
-        xs = [i for i, s in enumerate(stages) if key in result.get(s, {})]
-        ax.plot(xs, [result[stages[i]][key] for i in xs], marker=".", alpha=0.4, label=Path(run).name)
+        # NaN where this run has no value for a stage: a gap, not a line drawn through it
+        values = [result[s][key] if key in result.get(s, {}) else math.nan for s in stages]
+        ax.plot(range(len(stages)), values, marker=".", alpha=0.4, label=Path(run).name)
     pooled, low, high = [], [], []
     for stage in stages:
         present = [r[stage] for r in results if key in r.get(stage, {})]
@@ -178,6 +173,7 @@ def plot(runs: list[str], path: str) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     print(f"\nplot: {path}")
+    return fig
 
 
 if __name__ == "__main__":

@@ -165,6 +165,26 @@ def deepspeed_config_missing(tmp, good):
     return sft(tmp, good, f"train.deepspeed={tmp / 'zero9.json'}")
 
 
+def eval_run_missing(tmp, good):
+    return ["eval", str(tmp / "runs" / "missing"), f"output_dir={tmp / 'out'}", *good.data]
+
+
+def rm_eval_run_missing(tmp, good):
+    return ["rm-eval", str(tmp / "runs" / "missing"), f"output_dir={tmp / 'out'}", *good.data]
+
+
+def eval_hub_id(tmp, good):
+    return ["eval", "HuggingFaceTB/SmolLM2-135M-Instruct", f"output_dir={tmp / 'out'}", *good.data]
+
+
+def rm_eval_hub_id(tmp, good):
+    return ["rm-eval", "HuggingFaceTB/SmolLM2-135M-Instruct", f"output_dir={tmp / 'out'}", *good.data]
+
+
+def eval_reward_model_missing(tmp, good):
+    return ["eval", str(good.model), f"eval.reward_model={tmp / 'rm'}", f"output_dir={tmp / 'out'}", *good.data]
+
+
 @dataclass
 class Case:
     make: Callable[[Path, Good], list[str]]
@@ -202,6 +222,15 @@ CASES = [
                         r"data\.eval_per_task=100 \(the shipped configs share configs/data\.yaml\)$"),
     Case(unknown_rule, r"r\.jsonl line 1: unknown rule 'icd10' \(known: mcq_letter, icd10_code"),
     Case(deepspeed_config_missing, r"train\.deepspeed: .*zero9\.json not found"),
+    Case(eval_run_missing, r"^error: model path \S*runs/missing does not exist; pass a model folder, a finished stage's "
+                           r"output dir \(runs/NAME/sft\) or a pipeline run dir \(runs/NAME\)$"),
+    Case(rm_eval_run_missing, r"^error: reward model path \S*runs/missing does not exist; pass a reward model folder "
+                              r"or a finished rm stage's output dir \(runs/NAME/rm\)$"),
+    Case(eval_hub_id, r"^error: model path HuggingFaceTB/SmolLM2-135M-Instruct is no folder here and looks like a "
+                      r"Hugging Face Hub id; .*`hf download"),
+    Case(rm_eval_hub_id, r"^error: model path HuggingFaceTB/SmolLM2-135M-Instruct is no folder here and looks like "
+                         r"a Hugging Face Hub id; .*`hf download"),
+    Case(eval_reward_model_missing, r"^error: eval\.reward_model: model path \S*/rm "),
 ]
 
 

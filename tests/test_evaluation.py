@@ -226,7 +226,9 @@ def test_run_report_has_every_stage_and_plots(env):
                 json.dumps(
                     {
                         "model": "x",
+                        "mmlu_medical/n": 20,
                         "mmlu_medical/accuracy_loglik": 0.25 + 0.05 * i,
+                        "verifiable/n": 10,
                         "verifiable/accuracy": 0.1 * i,
                     }
                 )
@@ -247,7 +249,7 @@ def test_run_report_has_every_stage_and_plots(env):
     text = path.read_text()
     assert "| metric | pretrain | sft | elo | tdpo | rm | ppo |" in text
     assert "| mmlu_medical/accuracy_loglik | 0.25 | 0.3 | 0.35 | 0.4 | – | 0.5 |" in text
-    for name in ("accuracy", "loss", "reward", "kl"):
+    for name in ("heldout_accuracy", "loss", "reward", "kl"):
         assert (run_dir / "plots" / f"{name}.png").stat().st_size > 1000
         assert f"plots/{name}.png" in text
     assert "| mmlu_medical | 1089 |" in text  # the data manifest

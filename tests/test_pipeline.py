@@ -68,8 +68,8 @@ def test_pipeline_end_to_end(tmp_path, data_cache, monkeypatch, capsys):
             assert (folder / "eval" / "eval.json").is_file(), f"{stage} was not evaluated"
     report = (run_dir / "report.md").read_text()
     assert "| metric | pretrain | sft | elo | tdpo | rm | ppo |" in report
-    for plot in ("accuracy", "loss", "reward", "kl"):
-        assert (run_dir / "plots" / f"{plot}.png").is_file()
+    for plot in ("heldout_accuracy", "trainer_accuracy", "loss", "reward", "kl"):
+        assert (run_dir / "plots" / f"{plot}.png").is_file() and f"(plots/{plot}.png)" in report
     assert (run_dir / "pretrain" / "tokenizer" / "tokenizer.json").is_file()
 
     # a finished run is skipped; --only re-runs one stage, --from re-runs a stage and the ones after it

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import fnmatch
 import json
+import math
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import yaml
 
@@ -20,6 +21,21 @@ from m1_align.data.build import build_dir, read_manifest
 from m1_align.runs import atomic_write_text, read_metrics
 
 STAGE_ORDER = ("base", "pretrain", "sft", "elo", "tdpo", "rm", "ppo", "grpo")  # base: a pretrained starting model
+# The held-out accuracies of `m1-align eval` (run_dir/<stage>/eval/eval.json), each with the key of the
+# number of questions it is the mean over (benchmarks.mmlu_medical and verifiable_sets write both).
+HELDOUT_ACCURACY = {
+    "verifiable/accuracy": "verifiable/n",
+    "mmlu_medical/accuracy_loglik": "mmlu_medical/n",
+    "mmlu_medical/accuracy_generation": "mmlu_medical/n_generation",
+}
+# Pair accuracies the trainers report on their own eval pairs when they finish (run_dir/<stage>/eval.json),
+# with what ranks chosen above rejected: another quantity on other items than the benchmarks, so a
+# figure of their own.
+TRAINER_ACCURACY = {
+    "rewards/accuracy": "TDPO: implicit reward",
+    "preference/accuracy": "TDPO: length-normalised log-prob",
+    "accuracy": "reward model: its score",
+}
 # Curve plots: file stem -> metric-key patterns, in order of preference for "loss" (the per-step
 # "loss" when logged, else the final "train_loss"); every match for the others.
 CURVES = {"loss": ("loss", "train_loss"), "reward": ("reward/mean",), "kl": ("kl", "seqkl/*")}
@@ -84,32 +100,108 @@ def _pyplot():
     return plt
 
 
-def _accuracy_keys(metrics: dict[str, dict[str, float]]) -> list[str]:
-    # headline accuracies only (e.g. mmlu_medical/accuracy_loglik), not the per-subject breakdowns
-    keys = dict.fromkeys(k for m in metrics.values() for k in m)
-    return [k for k in keys if "accuracy" in k.rsplit("/", 1)[-1] and k.count("/") <= 1]
+def wilson_interval(successes: float, n: int, z: float = 1.96) -> tuple[float, float]:
+    """The Wilson score interval of a proportion (Wilson 1927), 95% at z = 1.96: unlike p ± z·se it stays
+    inside [0, 1] and keeps its coverage at the few dozen questions a quick evaluation asks (Brown, Cai
+    and DasGupta 2001, Statistical Science 16(2))."""
+    if n <= 0:
+        return math.nan, math.nan
+    p = successes / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return max(0.0, centre - half), min(1.0, centre + half)
 
 
-def plot_accuracy(metrics: dict[str, dict[str, float]], path: Path) -> bool:
-    keys = _accuracy_keys(metrics)
-    if not keys:
-        return False
-    plt = _pyplot()
-    stages = list(metrics)
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for key in keys:
-        # a line through the stages that report the key (the rm stage has no policy accuracy)
-        xs = [i for i, s in enumerate(stages) if key in metrics[s]]
-        ax.plot(xs, [metrics[stages[i]][key] for i in xs], marker="o", label=key)
+def _read_json(path: Path) -> dict[str, Any]:
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+class HeldOut(NamedTuple):
+    """One stage's held-out accuracy: the value, its 95% Wilson interval, and the questions it is over."""
+
+    value: float
+    low: float
+    high: float
+    n: int
+
+
+GAP = HeldOut(math.nan, math.nan, math.nan, 0)
+
+
+def heldout_points(stage_dirs: dict[str, Path]) -> dict[str, list[HeldOut]]:
+    """Held-out accuracy -> per stage its HeldOut from the stage's `m1-align eval`, GAP (NaN) for a stage
+    without one (the reward model, an evaluation that did not run)."""
+    evals = [_read_json(d / "eval" / "eval.json") for d in stage_dirs.values()]
+    points: dict[str, list[HeldOut]] = {}
+    for key, count_key in HELDOUT_ACCURACY.items():
+        row = []
+        for found in evals:
+            value, n = found.get(key), found.get(count_key)
+            if _numeric(value) and math.isfinite(value) and _numeric(n) and n > 0:
+                # every question scores 0 or 1, so accuracy * n is the count of right answers
+                row.append(HeldOut(value, *wilson_interval(round(value * n), int(n)), int(n)))
+            else:
+                row.append(GAP)
+        if any(p.n for p in row):
+            points[key] = row
+    return points
+
+
+def trainer_points(stage_dirs: dict[str, Path]) -> dict[str, list[float]]:
+    """Trainer pair accuracy -> per stage its value in the stage's own eval.json, NaN where it has none."""
+    own = [_read_json(d / "eval.json") for d in stage_dirs.values()]
+    series = {key: [m[key] if _numeric(m.get(key)) else math.nan for m in own] for key in TRAINER_ACCURACY}
+    return {key: values for key, values in series.items() if any(math.isfinite(v) for v in values)}
+
+
+def draw_heldout(axes, stages: list[str], points: dict[str, list[HeldOut]]) -> None:
+    """One panel per held-out accuracy: the value at each stage with its interval as an error bar; a NaN
+    breaks the line, so nothing is drawn through a stage that has no value."""
+    for ax, (key, row) in zip(axes, points.items(), strict=True):
+        values = [p.value for p in row]
+        below, above = [p.value - p.low for p in row], [p.high - p.value for p in row]
+        ax.errorbar(range(len(stages)), values, yerr=[below, above], marker="o", capsize=4)
+        ax.set_xticks(range(len(stages)), stages, rotation=45, fontsize=8)
+        counts = sorted({p.n for p in row if p.n})
+        ax.set_title(f"{key}\nn = {', '.join(map(str, counts))} questions", fontsize=8)
+        ax.set_ylim(0, 1)
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("held-out accuracy, 95% Wilson interval")
+
+
+def draw_trainer(ax, stages: list[str], series: dict[str, list[float]]) -> None:
+    """A line per pair accuracy over the stages, broken (NaN) at a stage that does not report it."""
+    for key, values in series.items():
+        ax.plot(range(len(stages)), values, marker="o", label=f"{key} ({TRAINER_ACCURACY[key]})")
     ax.set_xticks(range(len(stages)), stages)
     ax.set_ylim(0, 1)
-    ax.set_ylabel("accuracy")
-    ax.set_title("Accuracy by stage")
+    ax.set_ylabel("pair accuracy (chosen ranked above rejected)")
+    ax.set_title("Pair accuracy the trainers report on their eval pairs")
+    ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
+
+
+def plot_accuracy(stage_dirs: dict[str, Path], plots_dir: Path) -> list[Path]:
+    """heldout_accuracy.png and trainer_accuracy.png, each when some stage has a value for it."""
+    stages, written = list(stage_dirs), []
+    heldout, trainer = heldout_points(stage_dirs), trainer_points(stage_dirs)
+    plt = _pyplot()
+    if heldout:
+        fig, axes = plt.subplots(1, len(heldout), figsize=(3.2 * len(heldout) + 1, 4), sharey=True, squeeze=False)
+        draw_heldout(list(axes[0]), stages, heldout)
+        written.append(_save(fig, plots_dir / "heldout_accuracy.png"))
+    if trainer:
+        fig, ax = plt.subplots(figsize=(7, 4))
+        draw_trainer(ax, stages, trainer)
+        written.append(_save(fig, plots_dir / "trainer_accuracy.png"))
+    return written
+
+
+def _save(fig, path: Path) -> Path:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return True
+    _pyplot().close(fig)
+    return path
 
 
 def _series(records: list[dict], patterns: tuple[str, ...], first_only: bool) -> dict[str, tuple[list, list]]:
@@ -145,11 +237,7 @@ def plot_curves(stage_dirs: dict[str, Path], path_for) -> list[Path]:
         ax.set_ylabel(name)
         ax.set_title(f"{name} by stage")
         ax.legend(fontsize=7)
-        fig.tight_layout()
-        path = path_for(name)
-        fig.savefig(path, dpi=120)
-        plt.close(fig)
-        written.append(path)
+        written.append(_save(fig, path_for(name)))
     return written
 
 
@@ -224,6 +312,24 @@ def package_versions() -> dict[str, str]:
 # The report
 # ---------------------------------------------------------------------------------------------
 
+CAPTIONS = {
+    "heldout_accuracy": "Held-out accuracy of `m1-align eval` after each stage with its 95% Wilson interval; "
+    "a stage without a held-out evaluation (the reward model) is a gap.",
+    "trainer_accuracy": "Pair accuracy each trainer reports on its own eval pairs when it finishes (TDPO's "
+    "implicit reward, the reward model's score): another quantity than the held-out benchmarks.",
+}
+
+
+def plots_section(run_dir: Path, plots: list[Path]) -> str:
+    """Each figure written, with what it shows."""
+    if not plots:
+        return "Nothing to plot yet."
+    return "\n\n".join(
+        f"![{p.stem}]({p.relative_to(run_dir)})\n\n"
+        + CAPTIONS.get(p.stem, f"{p.stem} logged during training, by step within each stage.")
+        for p in plots
+    )
+
 
 def write_run_report(run_dir: str | Path, stages: list[str], data_dir: str | Path | None = None) -> Path:
     """Write run_dir/report.md (and run_dir/plots/*.png) for the given stages; returns the report path."""
@@ -233,9 +339,7 @@ def write_run_report(run_dir: str | Path, stages: list[str], data_dir: str | Pat
     metrics = {s: stage_metrics(d) for s, d in stage_dirs.items()}
     plots_dir = run_dir / "plots"
     plots_dir.mkdir(parents=True, exist_ok=True)
-    plots = plot_curves(stage_dirs, lambda name: plots_dir / f"{name}.png")
-    if plot_accuracy(metrics, plots_dir / "accuracy.png"):
-        plots.insert(0, plots_dir / "accuracy.png")
+    plots = plot_accuracy(stage_dirs, plots_dir) + plot_curves(stage_dirs, lambda name: plots_dir / f"{name}.png")
     data_dir = Path(data_dir) if data_dir else find_data_dir(run_dir, ordered)
     config = run_dir / "config.yaml"
 
@@ -244,7 +348,7 @@ def write_run_report(run_dir: str | Path, stages: list[str], data_dir: str | Pat
         "## Metrics by stage",
         metrics_table(metrics),
         "## Plots",
-        "\n".join(f"![{p.stem}]({p.relative_to(run_dir)})" for p in plots) or "Nothing to plot yet.",
+        plots_section(run_dir, plots),
         "## Timings",
         timings_table(stage_dirs),
         "## Data",

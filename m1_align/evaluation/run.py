@@ -31,6 +31,7 @@ from m1_align.training import (
     load_model,
     load_scalar_model,
     load_tokenizer,
+    looks_like_hub_id,
     resolve_model_dir,
 )
 
@@ -48,6 +49,9 @@ HEADLINE = (
 def resolve_target(path: str | Path) -> tuple[Path, Path | None]:
     """(model folder, stage output folder or None) for a model folder, a stage folder or a run folder."""
     path = Path(path).expanduser()
+    if not path.exists() and not looks_like_hub_id(path):  # a Hub id gets resolve_model_dir's own advice
+        raise ModelPathError(f"model path {path} does not exist; pass a model folder, a finished stage's output dir "
+                             "(runs/NAME/sft) or a pipeline run dir (runs/NAME)")
     finished = [
         path / s
         for s in POLICY_STAGES
@@ -174,10 +178,13 @@ def run(cfg: EvalConfig) -> StageResult:
         )
     try:
         model_dir, stage_dir = resolve_target(cfg.model.path)
+    except ModelPathError as err:
+        raise ConfigError(str(err)) from None
+    try:
         if cfg.eval.reward_model:
             resolve_model_dir(cfg.eval.reward_model)  # fail before any generation
     except ModelPathError as err:
-        raise ConfigError(str(err)) from None
+        raise ConfigError(f"eval.reward_model: {err}") from None
     output_dir = prepare_output_dir(cfg.output_dir or default_output_dir(model_dir, stage_dir), cfg.overwrite)
 
     torch.manual_seed(cfg.seed)

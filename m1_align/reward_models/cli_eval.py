@@ -24,7 +24,13 @@ from m1_align.data.sampling import take_balanced
 from m1_align.data.user_data import DataError, load_user_data
 from m1_align.reward_models.evaluate import evaluate_pairs, write_report
 from m1_align.runs import StageResult
-from m1_align.training import ModelPathError, load_scalar_model, load_tokenizer, resolve_model_dir
+from m1_align.training import (
+    ModelPathError,
+    load_scalar_model,
+    load_tokenizer,
+    looks_like_hub_id,
+    resolve_model_dir,
+)
 
 HEADLINE = ("pairs", "accuracy", "mean_margin", "ece", "longer_wins_rate", "longer_is_chosen_rate")
 
@@ -49,6 +55,9 @@ def run(cfg: RMEvalConfig) -> StageResult:
         raise ConfigError(
             "rm-eval needs a reward model: pass its folder (or a finished rm stage) or set model.path"
         )
+    if not Path(cfg.model.path).expanduser().exists() and not looks_like_hub_id(cfg.model.path):
+        raise ConfigError(f"reward model path {cfg.model.path} does not exist; pass a reward model folder or a "
+                          "finished rm stage's output dir (runs/NAME/rm)")
     try:
         model_dir = resolve_model_dir(cfg.model.path)
     except ModelPathError as err:
