@@ -153,3 +153,18 @@ def test_seed_table_plot_leaves_a_gap_where_a_run_has_no_value(run_dir, tmp_path
     assert complete == [0.1, 0.2, 0.15, 0.25]
     assert math.isnan(gapped[1]) and gapped[:1] + gapped[2:] == [0.1, 0.15, 0.25]
     plt.close(fig)
+
+
+def test_dev_accuracy_by_step_and_time_for_each_online_stage(run_dir):
+    from m1_align.evaluation.report import dev_curves, write_run_report
+
+    records = [{"step": 0, "time": 5.0, "eval/verifiable/accuracy": 0.1}]
+    records += [{"step": s, "time": 5.0 + 30 * s, "reward/mean": 0.1 * s} for s in (1, 2, 3, 4)]
+    records += [{"step": 2, "time": 70.0, "eval/verifiable/accuracy": 0.2}, {"step": 4, "time": 130.0, "eval/verifiable/accuracy": 0.3}]
+    (run_dir / "ppo" / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    curves = dev_curves({stage: run_dir / stage for stage in STAGES})
+    assert list(curves) == ["ppo"]  # the trainers' loss logs carry no dev checks
+    assert curves["ppo"]["step"] == [0, 2, 4] and curves["ppo"]["seconds"] == [5.0, 70.0, 130.0]
+    assert curves["ppo"]["accuracy"] == [0.1, 0.2, 0.3] and curves["ppo"]["reward"] == [0.1, 0.2, 0.30000000000000004, 0.4]
+    report = write_run_report(run_dir, list(STAGES)).read_text()
+    assert "plots/dev_accuracy.png" in report and (run_dir / "plots" / "dev_accuracy.png").is_file()

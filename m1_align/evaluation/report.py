@@ -241,6 +241,43 @@ def plot_curves(stage_dirs: dict[str, Path], path_for) -> list[Path]:
     return written
 
 
+DEV_ACCURACY = "eval/verifiable/accuracy"  # what the online loops log at every train.eval_steps (dev split)
+
+
+def dev_curves(stage_dirs: dict[str, Path]) -> dict[str, dict[str, list[float]]]:
+    """Per online stage that checked itself on dev during training: step, wall-clock seconds and dev accuracy
+    at each check (step 0: before the first update), and the in-batch reward per step beside it."""
+    curves = {}
+    for stage, folder in stage_dirs.items():
+        records = read_metrics(folder)
+        checks = [r for r in records if _numeric(r.get(DEV_ACCURACY))]
+        if len(checks) < 2:
+            continue
+        rewards = [r for r in records if _numeric(r.get("reward/mean"))]
+        curves[stage] = {"step": [r["step"] for r in checks], "seconds": [r["time"] for r in checks],
+                         "accuracy": [r[DEV_ACCURACY] for r in checks],
+                         "reward_step": [r["step"] for r in rewards], "reward": [r["reward/mean"] for r in rewards]}
+    return curves
+
+
+def plot_dev_curves(stage_dirs: dict[str, Path], path: Path) -> list[Path]:
+    """dev_accuracy.png: held-out dev accuracy against step and against wall-clock time for every online
+    stage, and the in-batch reward against step: what a run learnt, and at what cost in time."""
+    curves = dev_curves(stage_dirs)
+    if not curves:
+        return []
+    fig, (by_step, by_time, reward) = _pyplot().subplots(1, 3, figsize=(13, 3.8))
+    for stage, c in curves.items():
+        by_step.plot(c["step"], c["accuracy"], marker=".", label=stage)
+        by_time.plot([s / 60 for s in c["seconds"]], c["accuracy"], marker=".", label=stage)
+        reward.plot(c["reward_step"], c["reward"], label=stage)
+    by_step.set(xlabel="step", ylabel="dev accuracy", title="held-out dev accuracy by step")
+    by_time.set(xlabel="minutes since the stage started", ylabel="dev accuracy", title="... by wall-clock time")
+    reward.set(xlabel="step", ylabel="reward/mean", title="in-batch reward")
+    by_step.legend(fontsize=7)
+    return [_save(fig, path)]
+
+
 # ---------------------------------------------------------------------------------------------
 # Config, data, timings, versions
 # ---------------------------------------------------------------------------------------------
@@ -317,6 +354,8 @@ CAPTIONS = {
     "a stage without a held-out evaluation (the reward model) is a gap.",
     "trainer_accuracy": "Pair accuracy each trainer reports on its own eval pairs when it finishes (TDPO's "
     "implicit reward, the reward model's score): another quantity than the held-out benchmarks.",
+    "dev_accuracy": "The online stages' own check on the dev split every train.eval_steps (greedy, through the "
+    "rollout engine), by step and by wall-clock time, beside the in-batch reward.",
 }
 
 
@@ -339,7 +378,8 @@ def write_run_report(run_dir: str | Path, stages: list[str], data_dir: str | Pat
     metrics = {s: stage_metrics(d) for s, d in stage_dirs.items()}
     plots_dir = run_dir / "plots"
     plots_dir.mkdir(parents=True, exist_ok=True)
-    plots = plot_accuracy(stage_dirs, plots_dir) + plot_curves(stage_dirs, lambda name: plots_dir / f"{name}.png")
+    plots = (plot_accuracy(stage_dirs, plots_dir) + plot_dev_curves(stage_dirs, plots_dir / "dev_accuracy.png")
+             + plot_curves(stage_dirs, lambda name: plots_dir / f"{name}.png"))
     data_dir = Path(data_dir) if data_dir else find_data_dir(run_dir, ordered)
     config = run_dir / "config.yaml"
 
