@@ -5,7 +5,7 @@
 Runs `m1-align ppo` for a few steps with each engine, one after the other in its own subprocess, on the
 same model, prompts and settings (rule rewards on the built verifiable prompts), then reads the per-step
 timings from each run's metrics.jsonl. The first step is dropped (warm-up). Prints JSON and a table;
-the target of issue #10 is weight sync under 5% of the step.
+the target is weight sync under 5% of the step.
 """
 
 import argparse

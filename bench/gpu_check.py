@@ -1,4 +1,4 @@
-"""The device check issue #19 asks for, prepared to run in one call on a lent GPU machine (under 10 minutes):
+"""The GPU device check (training step against the bf16 ceiling, FlexAttention, generation), prepared to run in one call on a lent GPU machine (under 10 minutes):
 
 0. the sliding layers' FlexAttention against the window-chunked SDPA path (outputs and gradients, bf16), since
    the CPU tests never reach FlexAttention;

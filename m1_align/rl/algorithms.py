@@ -23,7 +23,7 @@ Loss aggregations, registered by name (`loss_aggregation(name)`, `agg_loss`, con
     token_sum_norm           sum over all tokens / (N x L), L a fixed length (Dr. GRPO's constant)
     seq_mean_token_sum_norm  sum over all tokens / L, no 1/N (verl's loss_scale_factor normaliser)
 
-Where this module parts from verl's core_algos.py (b178a3c, January 2026), decided (issue 34):
+Where this module parts from verl's core_algos.py (b178a3c, January 2026), and how each difference was decided:
   1. The seq_mean modes average over responses that have tokens; a response masked out entirely
      (ppo.mask_truncated, masked importance sampling) does not dilute the others. As verl.
   2. Two normalisers by name: token_sum_norm divides by N x L (Dr. GRPO), seq_mean_token_sum_norm by L
