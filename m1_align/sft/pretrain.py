@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 from datasets import Dataset
+from transformers import set_seed
 from trl import SFTConfig as TRLSFTConfig
 
 from m1_align.config import ConfigError, PretrainConfig
@@ -79,6 +80,7 @@ def run(cfg: PretrainConfig) -> StageResult:
         eval_packing=True,
         eos_token=tokenizer.eos_token,
     )
+    set_seed(cfg.seed)  # the model's initial weights: torch seeds itself at random in every new process
     trainer = M1SFTTrainer(  # packed rows and the output head as in SFT
         model=base_model(cfg, tokenizer),
         args=args,
