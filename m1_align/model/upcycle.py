@@ -25,14 +25,17 @@ Not function-preserving:
   h . w_v. Every vocabulary row is rescaled by 1/|w_v| (SmolLM2-135M's rows have norms from 1.8 to 7.5,
   mean 3.2), which both flattens the distribution and re-ranks tokens whose rows are longer or shorter than
   others. The upcycle multiplies the final RMSNorm's weight by the mean row norm, so the typical logit
-  keeps its scale and only each token's deviation from the mean norm remains (the probe in upcycle.json
-  reports the KL to the source that is left);
+  keeps its scale and only each token's deviation from the mean norm remains. On SmolLM2-135M-Instruct's
+  own greedy answer to a medical question (192 tokens) the NormHead alone costs 2.65 nats/token of
+  KL(source || hybrid) without the rescale and 1.66 with it, and the top-1 token agrees with the source's
+  at 44% of positions either way: this, not the window, is most of the gap distillation has to close
+  (upcycle.json records the KL left on its probe);
 - bf16: the hybrid's RMSNorm multiplies by its weight before rounding to bf16, Llama's after, so bf16
   outputs differ from the source's by rounding (fp32 ones do not).
 
 The converted folder holds safetensors weights and upcycle.json (the options, the parameter count and a
 probe: on a chat-formatted medical text the final hidden states within the window must match the source's
-to `atol`, or nothing is written; the per-token KL(source || hybrid) over the whole probe is recorded).
+to `rtol` of their largest entry, or nothing is written; the per-token KL(source || hybrid) over the whole probe is recorded).
 """
 
 from __future__ import annotations
@@ -211,25 +214,27 @@ def _probe_ids(tokenizer) -> list[int]:
 
 @torch.no_grad()
 def probe(source_model, hybrid, ids: list[int], window: int, scale: float) -> dict:
-    """Final hidden states within the window (must equal the source's, times the NormHead rescale) and the
-    per-token KL(source || hybrid) over the whole probe."""
+    """Final hidden states within the window (must equal the source's, times the NormHead rescale; the
+    difference relative to their largest entry, as their scale grows with depth and width) and the per-token
+    KL(source || hybrid) over the whole probe."""
     x = torch.tensor([ids])
     h_src = source_model.model(input_ids=x).last_hidden_state[0].float()
     h_hyb = hybrid.model(input_ids=x).last_hidden_state[0].float()
     inside = min(window, len(ids))
+    expected = scale * h_src[:inside]
     lp_src = source_model.lm_head(h_src).log_softmax(-1)
     lp_hyb = hybrid.lm_head(h_hyb).log_softmax(-1)
     kl = (lp_src.exp() * (lp_src - lp_hyb)).sum(-1)
     return {
         "probe_tokens": len(ids),
-        "hidden_max_abs_diff_within_window": float((h_hyb[:inside] - scale * h_src[:inside]).abs().max()),
+        "hidden_max_rel_diff_within_window": float((h_hyb[:inside] - expected).abs().max() / expected.abs().max()),
         "kl_to_source_mean": float(kl.mean()),
         "kl_to_source_mean_within_window": float(kl[:inside].mean()),
     }
 
 
 def upcycle(source: str | Path, output_dir: str | Path, options: UpcycleOptions | None = None,
-            overwrite: bool = False, atol: float = 1e-3) -> dict:
+            overwrite: bool = False, rtol: float = 1e-4) -> dict:
     """Write the hybrid folder and return its report (also saved there as upcycle.json)."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
@@ -268,10 +273,10 @@ def upcycle(source: str | Path, output_dir: str | Path, options: UpcycleOptions 
         saved = AutoModelForCausalLM.from_pretrained(str(tmp), dtype=torch.float32).eval()
         scale = head_rescale(source_model.get_output_embeddings().weight) if config.norm_head else 1.0
         checks = probe(source_model, saved, _probe_ids(tokenizer), options.window, scale)
-        if not checks["hidden_max_abs_diff_within_window"] <= atol:
+        if not checks["hidden_max_rel_diff_within_window"] <= rtol:
             raise UpcycleError(f"{source}: the upcycled model's hidden states within the window differ from the "
-                               f"source's by {checks['hidden_max_abs_diff_within_window']:.2e} (tolerance {atol}); "
-                               "nothing was written")
+                               f"source's by {checks['hidden_max_rel_diff_within_window']:.2e} of their largest "
+                               f"entry (tolerance {rtol}); nothing was written")
         report = {
             "source": source,
             "options": options.model_dump(),
