@@ -18,6 +18,7 @@ from m1_align.config import (
     load_data_config,
     settings_help,
 )
+from m1_align.model.upcycle import options_help
 from m1_align.stages import STAGES
 
 PIPELINE_HELP = "pretrain -> SFT -> ELO -> TDPO -> RM -> PPO / GRPO, evaluated after every stage"
@@ -26,7 +27,7 @@ PIPELINE_HELP = "pretrain -> SFT -> ELO -> TDPO -> RM -> PPO / GRPO, evaluated a
 # Raised for bad input (paths, data files, finished outputs, missing data packages), not for bugs.
 USER_ERRORS = {"OutputExistsError", "OutputDirError", "ModelPathError", "DataError", "MissingSourceError", "LeakError",
                "UserInputError", "GGUFImportError", "DivergedError", "IncompleteCheckpointError", "AdapterError",
-               "StaleWeightsError"}
+               "StaleWeightsError", "UpcycleError"}
 DISK_FULL = ("No space left on device", "os error 28", "Disk quota exceeded")
 # what torch's and safetensors' writers say when a write fails half-way; a full disk if the disk is full
 WRITE_FAILED = ("file write failed", "iostream error", "unexpected pos")
@@ -114,6 +115,15 @@ def build_parser() -> argparse.ArgumentParser:
     gguf.add_argument("gguf", help="a .gguf file, or a bundled model: smollm2 (SmolLM2-135M-Instruct)")
     gguf.add_argument("output_dir", help="the Hugging Face model folder to write")
     gguf.add_argument("--overwrite", action="store_true", help="replace a model already in output_dir")
+    upcycle = sub.add_parser("upcycle", help="turn a Llama checkpoint (SmolLM2...) into a Baichuan-M1 hybrid folder",
+                             description="turn a Llama checkpoint into a baichuan_m1 hybrid: the same weights, "
+                                         "sliding-window layers, the K/V conv at identity, the NormHead; what is "
+                                         "function-preserving is listed in m1_align/model/upcycle.py",
+                             epilog="options (key=value):\n" + options_help(), **documented)
+    upcycle.add_argument("source", help="a Hugging Face LlamaForCausalLM folder")
+    upcycle.add_argument("output_dir", help="the hybrid model folder to write")
+    upcycle.add_argument("options", nargs="*", metavar="key=value", help="window, sliding_layers, head (below)")
+    upcycle.add_argument("--overwrite", action="store_true", help="replace what output_dir holds")
     return parser
 
 
@@ -213,6 +223,15 @@ def main(argv: list[str] | None = None) -> int:
             report = import_gguf(args.gguf, args.output_dir, args.overwrite)
             print(f"imported {report['architecture']} ({report['parameters'] / 1e6:.1f}M parameters) into {args.output_dir}; "
                   f"probe max |log-prob diff| {report['probe_max_abs_logprob_diff']:.1e} over {report['probe_tokens']} tokens")
+            return 0
+        if args.command == "upcycle":
+            from m1_align.model.upcycle import parse_options, upcycle
+
+            report = upcycle(args.source, args.output_dir, parse_options(args.options), args.overwrite)
+            print(f"upcycled {args.source} into {args.output_dir} ({report['parameters'] / 1e6:.1f}M parameters, "
+                  f"sliding layers {report['sliding_window_layers']}, window {report['options']['window']}, "
+                  f"{report['options']['head']} head); probe KL to the source {report['kl_to_source_mean']:.4f} "
+                  f"nats/token over {report['probe_tokens']} tokens")
             return 0
         return _run_stage(args.command, args)
     except Exception as err:  # errors a user can fix get one line; anything else keeps its traceback

@@ -27,6 +27,9 @@ class BaichuanM1Config(PretrainedConfig):
     interleaved_sliding_window: int | None = None  # = sliding_window (vLLM reads this name)
     layer_types: list[str] | None = None  # derived from sliding_window_layers
     conv_window: int = 2
+    # True: Baichuan's NormHead (vocabulary rows L2-normalised in the forward). False: a plain linear head, for
+    # a checkpoint converted from a model that has one (m1-align upcycle head=plain); the released one has True.
+    norm_head: bool = True
     rope_theta: float = 1e6
     rms_norm_eps: float = 1e-6
     hidden_act: str = "silu"

@@ -8,6 +8,8 @@ H query heads, Hkv KV heads, D head_dim (it differs between global and sliding-w
   included); the other layers attend to every key. Each kind has its own query/KV head counts (GQA).
 - Every layer mixes each K and V with the previous token's, before RoPE:
   k'_t = w[h,0] * k_{t-1} + w[h,1] * k_t, with k_{-1} = 0 at each sequence or packed-sample start.
+- The output head is Baichuan's NormHead (rows L2-normalised) unless `config.norm_head` is False (a plain
+  linear head, for checkpoints upcycled from a Llama: m1_align/model/upcycle.py).
 - Parameter and config names match the released Baichuan-M1-14B checkpoint.
 """
 
@@ -459,7 +461,11 @@ class BaichuanM1ForCausalLM(BaichuanM1PreTrainedModel, GenerationMixin):
     def __init__(self, config: BaichuanM1Config):
         super().__init__(config)
         self.model = BaichuanM1Model(config)
-        self.lm_head = NormHead(config.hidden_size, config.vocab_size)
+        self.lm_head = (
+            NormHead(config.hidden_size, config.vocab_size)
+            if config.norm_head
+            else nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        )
         self.post_init()
 
     @can_return_tuple

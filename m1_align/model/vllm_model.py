@@ -343,7 +343,8 @@ class BaichuanM1ForCausalLM(nn.Module, HasInnerState, IsHybrid):
                     break
             for old, new in self.renamed_params.items():
                 name = name.replace(old, new)
-            if name == "lm_head.weight":  # NormHead: the rows are L2-normalised once here, not per step
+            if name == "lm_head.weight" and self.config.norm_head:
+                # NormHead: the rows are L2-normalised once here, not per step
                 weight = F.normalize(weight.float(), dim=-1).to(weight.dtype)
             param = params[name]
             loader = getattr(param, "weight_loader", default_weight_loader)
