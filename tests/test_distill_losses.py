@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from m1_align.distill.losses import distillation_loss, token_divergence
+from m1_align.distill.losses import token_divergence, token_mean
 
 TEACHER = [2.0, 0.0, -1.0]
 STUDENT = [0.0, 1.0, 0.5]
@@ -69,17 +69,19 @@ def test_the_mask_keeps_positions_out_and_the_loss_is_their_token_mean():
     teacher = torch.tensor([[TEACHER, STUDENT, [1.0, 2.0, 3.0]], [[1.0, 0.0, 0.0], [0.0] * 3, STUDENT]],
                            dtype=torch.float64)
     mask = torch.tensor([[True, True, False], [True, False, True]])
-    loss, per_token = distillation_loss(student, teacher, "reverse_kl", mask=mask, chunk_tokens=1)
+    per_token = token_divergence(student, teacher, "reverse_kl", mask=mask, chunk_tokens=1)
+    loss = token_mean(per_token, mask)
     expected = [[kl(softmax(STUDENT), softmax(TEACHER)), kl(softmax(TEACHER), softmax(STUDENT)), 0.0],
                 [kl(softmax([0, 0, 0]), softmax([1, 0, 0])), 0.0, 0.0]]
     assert torch.allclose(per_token, torch.tensor(expected, dtype=torch.float64), rtol=1e-12, atol=0)
     assert float(loss) == pytest.approx(sum(map(sum, expected)) / 4, rel=1e-12)
     # gradient accumulation: the count of the whole batch divides instead
-    assert float(distillation_loss(student, teacher, "reverse_kl", mask=mask, num_tokens=8)[0]) == pytest.approx(
+    assert float(token_mean(per_token, mask, num_tokens=8)) == pytest.approx(
         sum(map(sum, expected)) / 8, rel=1e-12)
     # nothing scored: a zero loss that still backpropagates
     empty = student.nan_to_num().requires_grad_()
-    zero, _ = distillation_loss(empty, teacher, mask=torch.zeros(2, 3, dtype=torch.bool))
+    nothing = torch.zeros(2, 3, dtype=torch.bool)
+    zero = token_mean(token_divergence(empty, teacher, mask=nothing), nothing)
     zero.backward()
     assert float(zero.detach()) == 0.0 and not empty.grad.any()
 

@@ -106,21 +106,11 @@ def token_divergence(
     return values.new_zeros(mask.shape).masked_scatter(mask, values)
 
 
-def distillation_loss(
-    student_logits: torch.Tensor,
-    teacher_logits: torch.Tensor,
-    divergence: str = "reverse_kl",
-    beta: float = 0.5,
-    temperature: float = 1.0,
-    mask: torch.Tensor | None = None,
-    chunk_tokens: int | None = 1024,
-    num_tokens: int | torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(the token-mean loss, the per-token divergence [B, T]). The mean is over the masked-in tokens, or over
-    `num_tokens` when given (the count of the whole accumulated batch, so gradient accumulation weighs every
+def token_mean(per_token: torch.Tensor, mask: torch.Tensor | None = None,
+               num_tokens: int | torch.Tensor | None = None) -> torch.Tensor:
+    """The loss: `token_divergence`'s [B, T] values summed over the masked-in tokens, divided by their count, or
+    by `num_tokens` when given (the count of the whole accumulated batch, so gradient accumulation weighs every
     token alike)."""
-    per_token = token_divergence(student_logits, teacher_logits, divergence, beta, temperature, mask, chunk_tokens)
     if num_tokens is None:
-        num_tokens = (mask.sum() if mask is not None else per_token.numel())
-    denominator = torch.as_tensor(num_tokens, device=per_token.device).clamp(min=1)
-    return per_token.sum() / denominator, per_token
+        num_tokens = mask.sum() if mask is not None else per_token.numel()
+    return per_token.sum() / torch.as_tensor(num_tokens, device=per_token.device).clamp(min=1)
