@@ -185,8 +185,33 @@ class DataConfig(Section):
         None, description="add the medcalc task family (MedCalc-Bench calculators; pip install medcalc-bench) to "
         "the built data; null: the build is exactly what it is without it"
     )
+    rl_open_tasks: list[str] = Field(default_factory=list, description=(
+        "Non-verifiable built tasks (icd_description, hpo_definition) whose questions also go to the RL split as "
+        "open prompts: no rule, the reference text kept as `answer`; reward.mode=route scores them with the reward "
+        "model (reward.model must be set) and the verifiable prompts of the same batch with their rules. Empty: "
+        "the RL split holds verifiable prompts only, and the build is exactly what it is without this key."))
 
     _paths = field_validator("cache_dir", "train_file", "eval_file", "answer_eval_file")(_check_path)
+
+    @field_validator("rl_open_tasks")
+    @classmethod
+    def _open_tasks(cls, value: list[str]) -> list[str]:
+        from m1_align.data.tasks import TASKS
+
+        open_tasks = sorted(name for name, task in TASKS.items() if not task.verifiable)
+        wrong = [t for t in value if t not in open_tasks]
+        if wrong:
+            raise ValueError(f"{wrong} are not open (non-verifiable) built tasks; choose from {open_tasks} (verifiable "
+                             "tasks are in the RL split already)")
+        return sorted(set(value))
+
+    @model_validator(mode="after")
+    def _open_tasks_trained(self):
+        dropped = [t for t in self.rl_open_tasks if self.tasks is not None and t not in self.tasks]
+        if dropped:
+            raise ValueError(f"rl_open_tasks {dropped} are left out by data.tasks={self.tasks}, so no open prompt "
+                             "would reach RL; add them to data.tasks or remove them from data.rl_open_tasks")
+        return self
 
     @field_validator("tasks")
     @classmethod
@@ -422,6 +447,26 @@ class ELOConfig(StageConfig):
     rollout: RolloutConfig = Field(RolloutConfig(), description="Sampling of the reasoning paths.")
 
 
+class HackingGuardSection(Section):
+    """Rule (m1_align/rewards/hacking.py): over the last `window` evaluations, the training reward's least-squares
+    trend is more than `threshold` standard errors above zero while the held-out measure's is more than `threshold`
+    below zero; the standard errors come from each series' scatter about its own trend."""
+
+    heldout_metric: str | None = Field("verifiable/accuracy", description=(
+        "The evaluation's metric (a key of eval.json, without eval/) the policy is not trained on and that must not "
+        "fall while the reward rises; null: no check."))
+    train_metric: str = Field("reward/mean", description=(
+        "The step metric averaged over the steps between evaluations as the training reward (reward/model: the "
+        "reward model's scores only)."))
+    window: int = Field(4, ge=3, description="Evaluations the two trends are fitted over (3 or more).")
+    threshold: float = Field(3.0, gt=0, description=(
+        "Standard errors a trend must clear; with 4 evaluations a fall this steep in pure noise has about a 5% chance "
+        "(Student's t, 2 degrees of freedom)."))
+    stop: bool = Field(False, description=(
+        "End the run at the evaluation that fires (final evaluation and save as usual); false: a warning and the "
+        "guard/reward_hacking metric only."))
+
+
 class RewardSection(Section):
     model: str | None = Field(None, description=(
         "Learned reward model folder (an `m1-align rm` output) that scores open questions; needed by modes "
@@ -431,9 +476,21 @@ class RewardSection(Section):
         "one only; mix: rule_weight x rule + model_weight x model."))
     rule_weight: float = Field(1.0, ge=0, description="mix only: weight of the rule score.")
     model_weight: float = Field(1.0, ge=0, description="mix only: weight of the reward model's score.")
-    length_penalty: float = Field(0.0, ge=0, description="Subtracted from the score per response token.")
+    length_penalty: float = Field(0.0, ge=0, description=(
+        "Subtracted from the score per response token (of the responses length_penalty_on names): a reward model "
+        "that favours long answers then has to pay for each token it rewards."))
+    length_penalty_on: Literal["all", "model"] = Field("all", description=(
+        "Which responses length_penalty charges: all, or only those the reward model scored (route: the open "
+        "prompts; model and mix: every response), leaving the rules' 0/1 scores of verifiable answers as they are."))
+    model_length_control: bool = Field(False, description=(
+        "Take out of the reward model's scores their least-squares fit on response length over the batch's "
+        "model-scored responses, s - slope x (L - mean L): whatever the model prefers in length on the policy's own "
+        "samples then adds nothing to the reward (the regression idea of length-controlled AlpacaEval, Dubois et al. "
+        "2024). Logged before it: reward/rm_length_corr."))
     normalize: bool = Field(False, description=(
         "Whiten the scores of each batch to zero mean and unit std (before ppo's EOS and overlong penalties)."))
+    hacking: HackingGuardSection = Field(HackingGuardSection(), description=(
+        "The reward-hacking check at each evaluation (train.eval_steps): training reward up, held-out measure down."))
 
     _paths = field_validator("model")(_check_path)
 

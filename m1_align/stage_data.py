@@ -87,6 +87,7 @@ def eval_rows(cfg: StageConfig, limit: int | None = None, split: str = "test") -
         # user rows may omit how to check them: exact (normalised) match under the task "user"
         rows = [{"rule": "exact_term", "task": "user", **{k: v for k, v in r.items() if v is not None}}
                 for r in _user(cfg.data.answer_eval_file, "rl")]
+        check_open_rows(cfg, "answer_eval_file", [r["rule"] for r in rows])
     elif cfg.data.builtin:
         rows = _split(cfg, "eval")
     else:
@@ -98,8 +99,49 @@ def eval_rows(cfg: StageConfig, limit: int | None = None, split: str = "test") -
     return limit_per_task([r for r in rows if "heldout" not in r], limit, from_end=split == "dev") + limit_per_task(sided, limit)
 
 
+def user_rl_rows(path: str) -> list[dict[str, Any]]:
+    """A user's RL rows: a row without a rule is checked by exact (normalised) match, and an open one (rule
+    "open") gets rule None, as the built open prompts have: the reward router sends it to the reward model."""
+    from m1_align.data.user_data import OPEN_RULE
+
+    rows = [{"rule": "exact_term", "task": "user", **{k: v for k, v in r.items() if v is not None}} for r in _user(path, "rl")]
+    return [{**r, "rule": None} if r["rule"] == OPEN_RULE else r for r in rows]
+
+
+def check_open_rows(cfg: StageConfig, field: str, rules: list[str | None]) -> None:
+    """A user file's open rows (rule "open", `rules` its rule column) are read only where something scores them:
+    ELO (the reference's log-likelihood) and PPO/GRPO with a reward model. A DataError of one line otherwise."""
+    from m1_align.data.user_data import OPEN_RULE, DataError
+    from m1_align.rewards.router import open_prompt_problem
+
+    n_open = sum(rule == OPEN_RULE for rule in rules)
+    if not n_open:
+        return
+    problem = None
+    if field != "train_file":
+        problem = "held-out answer accuracy checks each answer by its rule; give them a rule or leave them out"
+    elif type(cfg).__name__ == "TDPOConfig":
+        problem = "tdpo.pairs=on_policy checks each sample by its rule; give them a rule or leave them out"
+    elif getattr(cfg, "reward", None) is not None:
+        problem = open_prompt_problem(cfg.reward)
+    if problem:
+        raise DataError(f"{n_open} rows have rule {OPEN_RULE!r} (open questions), but {problem}")
+
+
+def check_open_tasks(cfg: StageConfig) -> None:
+    """data.rl_open_tasks on an RL stage whose rewards cannot score open prompts: a ConfigError of one line."""
+    from m1_align.config import ConfigError
+    from m1_align.rewards.router import open_prompt_problem
+
+    reward = getattr(cfg, "reward", None)
+    problem = open_prompt_problem(reward) if reward is not None and cfg.data.rl_open_tasks and not cfg.data.train_file else None
+    if problem:
+        raise ConfigError(f"data.rl_open_tasks={cfg.data.rl_open_tasks} puts open prompts in the RL split, but {problem}")
+
+
 def rl_rows(cfg: StageConfig) -> list[dict[str, Any]]:
-    """Training prompts with a verifiable answer (ELO, PPO)."""
+    """Training prompts (ELO, PPO): verifiable ones with their rule, open ones (rule None, `answer` a reference)
+    when data.rl_open_tasks or the user's file has them."""
     if cfg.data.train_file:
-        return [{"rule": "exact_term", "task": "user", **{k: v for k, v in r.items() if v is not None}} for r in _user(cfg.data.train_file, "rl")]
+        return user_rl_rows(cfg.data.train_file)
     return _split(cfg, "rl")

@@ -132,13 +132,16 @@ def data_kind(cfg: StageConfig, name: str) -> str | None:
 def check_data_files(cfg: StageConfig) -> None:
     """Each user data file read as the stage will read it; the DataError names the field (also as `.field`)."""
     from m1_align.data.user_data import DataError, load_user_data
+    from m1_align.stage_data import check_open_rows
 
     for name in ("train_file", "eval_file", "answer_eval_file"):
         path, kind = getattr(cfg.data, name), data_kind(cfg, name)
         if not (path and kind):
             continue
         try:
-            load_user_data(path, kind)
+            data = load_user_data(path, kind)
+            if kind == "rl" and "rule" in data.column_names:
+                check_open_rows(cfg, name, data["rule"])
         except DataError as e:
             on_policy = name == "train_file" and kind == "rl" and type(cfg).__name__ == "TDPOConfig"
             error = DataError(f"data.{name}: {e}" + (f" ({ON_POLICY_HINT})" if on_policy else ""))
@@ -201,6 +204,9 @@ def check_inputs(cfg: StageConfig, made_here: Collection[str] = ()) -> None:
     if reward_model and Path(reward_model) not in later:
         resolve_model_dir(reward_model)
     check_data_files(cfg)
+    from m1_align.stage_data import check_open_tasks
+
+    check_open_tasks(cfg)
     source, launched = deepspeed_file(cfg.train), launched_deepspeed_file()
     if cfg.train.deepspeed and launched and Path(launched).resolve() != Path(source).resolve():
         if os.environ.get("RANK", "0") == "0":

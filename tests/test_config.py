@@ -274,7 +274,7 @@ def test_help_lists_every_key_with_type_default_and_description():
         assert f"\n  {key}=" in text
     titles = [line.split(":")[0] for line in text.splitlines() if line and not line.startswith(" ") and ":" in line]
     assert titles == ["settings", "top level", "model", "model.lora", "data", "data.medcalc", "train", "ppo", "reward",
-                      "rollout"]
+                      "reward.hacking", "rollout"]
     # the stage's own defaults, not the section class's
     entry = text[text.index("\n  ppo.kl_loss_coef=") :]
     assert entry.startswith("\n  ppo.kl_loss_coef=FLOAT >= 0\n") and "(default: 0.01)" in entry.split("\n  ppo.")[1]

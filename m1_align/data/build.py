@@ -188,9 +188,11 @@ def build_splits(
     eval_per_task: int,
     tasks: Sequence[str],
     medcalc: Mapping[str, Any] | None = None,
+    rl_open_tasks: Sequence[str] = (),
 ) -> tuple[dict[str, list], dict]:
     """All splits in memory, plus the held-out item keys. `medcalc`: the medcalc family's settings
-    (MedcalcData's fields), or None to leave it out."""
+    (MedcalcData's fields), or None to leave it out. `rl_open_tasks`: non-verifiable tasks whose questions
+    also go to the rl split as open prompts (rule null, the reference text kept as `answer`)."""
     heldout = heldout_items(seed, eval_per_task, tasks)
     excluded = {item for items in heldout.values() for item in items}  # across tasks: "icd:X" is shared
     splits: dict[str, list] = {split: [] for split in SPLITS}
@@ -198,11 +200,14 @@ def build_splits(
         task = TASKS[name]
         pool = [item for item in task.items() if item not in excluded]
         for split in TRAIN_SPLITS:
-            if split == "rl" and not task.verifiable:
+            open_rl = split == "rl" and not task.verifiable
+            if open_rl and name not in rl_open_tasks:
                 continue
             chosen = list(pool)
             random.Random(f"{seed}|{split}|{name}").shuffle(chosen)
-            splits[split] += _rows(split, name, chosen[:max_per_task], seed)
+            rows = _rows(split, name, chosen[:max_per_task], seed)
+            # no rule can check a definition: the reward router sends rule-less prompts to the reward model
+            splits[split] += [{**row, "rule": None} for row in rows] if open_rl else rows
         if task.verifiable:
             splits["eval"] += _rows("eval", name, heldout[name], seed)
         splits["eval_preference"] += _rows("eval_preference", name, heldout[name], seed)
@@ -279,9 +284,12 @@ def _sources_manifest() -> dict[str, Any]:
 
 
 def _params(
-    seed: int, max_per_task: int, eval_per_task: int, tasks: Sequence[str], medcalc: Mapping[str, Any] | None = None
+    seed: int, max_per_task: int, eval_per_task: int, tasks: Sequence[str], medcalc: Mapping[str, Any] | None = None,
+    rl_open_tasks: Sequence[str] = (),
 ) -> dict[str, Any]:
     params = {"seed": seed, "max_per_task": max_per_task, "eval_per_task": eval_per_task, "tasks": list(tasks)}
+    if rl_open_tasks:  # as medcalc: a build without open RL prompts keeps its params (and cache)
+        params["rl_open_tasks"] = sorted(rl_open_tasks)
     if medcalc is not None:  # only then: builds without the family keep their params (and cache) as they were
         params["medcalc"] = {**medcalc, "heldout_calculators": list(medcalc["heldout_calculators"]),
                              "package_version": medcalc_family.package_version()}
@@ -311,27 +319,33 @@ def build_datasets(
     tasks: Sequence[str] | None = None,
     force: bool = False,
     medcalc: Mapping[str, Any] | None = None,
+    rl_open_tasks: Sequence[str] = (),
 ) -> dict[str, Any]:
     """Build every split into out_dir (atomically) and return the manifest.
 
     A folder already built with the same params and source package versions is reused as is. `medcalc`:
     the medcalc family's settings (train_per_calculator, eval_per_calculator, heldout_calculators), or None.
+    `rl_open_tasks`: non-verifiable tasks (of `tasks`) also put in the rl split as open prompts.
     """
     out_dir = Path(out_dir)
     tasks = list(tasks or TASKS)
     unknown = [t for t in tasks if t not in TASKS]
     if unknown:
         raise ValueError(f"unknown data task(s) {unknown}; choose from {sorted(TASKS)}")
+    not_open = [t for t in rl_open_tasks if t not in tasks or TASKS[t].verifiable]
+    if not_open:
+        raise ValueError(f"rl_open_tasks {not_open} are not non-verifiable tasks of this build; choose from "
+                         f"{sorted(t for t in tasks if not TASKS[t].verifiable)}")
     if medcalc is not None:
         medcalc = {"heldout_calculators": medcalc_family.DEFAULT_HELDOUT, **medcalc}
-    params = _params(seed, max_per_task, eval_per_task, tasks, medcalc)
+    params = _params(seed, max_per_task, eval_per_task, tasks, medcalc, rl_open_tasks)
     versions = source_versions()
     cached = read_manifest(out_dir)
     if not force and _is_current(cached, out_dir, params, versions):
         return cached
 
     start = time.time()
-    splits, heldout = build_splits(seed, max_per_task, eval_per_task, tasks, medcalc)
+    splits, heldout = build_splits(seed, max_per_task, eval_per_task, tasks, medcalc, rl_open_tasks)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     tmp.chmod(0o755)  # mkdtemp makes it owner-only
@@ -385,11 +399,15 @@ def _medcalc_settings(data_config: Any) -> dict[str, Any] | None:
 
 
 def build_dir(data_config: Any) -> Path:
-    """The built folder of a DataConfig; with the medcalc family, a suffix naming its settings."""
+    """The built folder of a DataConfig; with the medcalc family or open RL prompts, a suffix naming them
+    (each setting its own folder: runs with and without them never rebuild each other's cache)."""
     name = build_dir_name(data_config.seed, data_config.max_per_task, data_config.eval_per_task)
     medcalc = _medcalc_settings(data_config)
     if medcalc is not None:
         name += "-medcalc-" + hashlib.sha1(json.dumps(medcalc, sort_keys=True).encode()).hexdigest()[:10]
+    open_tasks = sorted(getattr(data_config, "rl_open_tasks", None) or ())
+    if open_tasks:
+        name += "-rlopen-" + hashlib.sha1(json.dumps(open_tasks).encode()).hexdigest()[:10]
     return Path(data_config.cache_dir) / name
 
 
@@ -402,6 +420,7 @@ def build_from_config(data_config: Any) -> Path:
         max_per_task=data_config.max_per_task,
         eval_per_task=data_config.eval_per_task,
         medcalc=_medcalc_settings(data_config),
+        rl_open_tasks=getattr(data_config, "rl_open_tasks", None) or (),
     )
     return out_dir
 

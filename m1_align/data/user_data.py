@@ -3,7 +3,8 @@ train on, with one clear error naming the file, the line and the expected shape 
 
     sft:        messages, or prompt/completion (normalised to messages)
     preference: prompt, chosen, rejected   (prompt -> messages; chosen/rejected -> strings)
-    rl:         prompt, answer             (prompt -> messages)
+    rl:         prompt, answer             (prompt -> messages); rule: how the answer is checked, or "open"
+                                           for an open question the reward model scores (answer: a reference)
 
 A prompt may be a string (one user turn) or a list of {"role", "content"} messages; other columns
 are kept as they are.
@@ -24,6 +25,8 @@ EXPECTED = {
     "rl": "keys prompt, answer",
 }
 ROLES = ("system", "user", "assistant")
+# an RL row's rule for an open question: no rule checks it, the reward model scores the response (reward.model)
+OPEN_RULE = "open"
 
 
 class DataError(ValueError):
@@ -202,8 +205,9 @@ def normalise_row(
         if row.get("rule") is not None:
             from m1_align.data.rules import RULES
 
-            if row["rule"] not in RULES:
-                raise fail(f"unknown rule {row['rule']!r} (known: {', '.join(RULES)})")
+            if row["rule"] not in RULES and row["rule"] != OPEN_RULE:
+                raise fail(f"unknown rule {row['rule']!r} (known: {', '.join(RULES)}; {OPEN_RULE!r} for an open "
+                           "question the reward model scores)")
     return out
 
 

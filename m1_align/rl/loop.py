@@ -17,6 +17,7 @@ import math
 import os
 import random
 import socket
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +33,7 @@ from transformers import get_scheduler
 from m1_align.config import ConfigError, StageConfig
 from m1_align.data.chat import prompt_ids
 from m1_align.logprobs import packing_agrees
+from m1_align.rewards.hacking import HackingGuard, hacking_guard
 from m1_align.rewards.verifiable import verifiable_sets
 from m1_align.rl.checkpoint import CHECKPOINT_DIR, load_loop_state, load_optimizers, save_loop_state
 from m1_align.rollout.engine import SamplingSettings, StaleWeightsError
@@ -406,6 +408,18 @@ class OnlineLoop:
         atomic_write_text(tmp / "m1_align_config.yaml", dump_config(self.cfg))
         atomic_replace_dir(tmp, self.output_dir / "model")
 
+    def check_hacking(self, guard: HackingGuard, step: int, evaluation: dict[str, float], logger) -> bool:
+        """The reward-hacking guard after an evaluation (the same verdict on every rank: the metrics are averaged
+        over the ranks and every rank evaluates the same questions): its metrics logged and a warning when it
+        fires; True when it fires and reward.hacking.stop asks to end the run there."""
+        verdict, metrics = guard.check(step, evaluation)
+        if logger:
+            logger.log(step, **metrics)
+            if verdict.hacking:
+                then = "; stopping (reward.hacking.stop=true)" if guard.cfg.stop else ""
+                print(f"warning: step {step}: possible reward hacking: {verdict.message}{then}", file=sys.stderr)
+        return verdict.hacking and guard.cfg.stop
+
     # -- the run -----------------------------------------------------------------------------------
     def prepare(self) -> int:
         """Everything before the first step: processes, inputs check, output folder, models, the algorithm's
@@ -463,25 +477,35 @@ class OnlineLoop:
                 logger.log(0, **{f"eval/{k}": v for k, v in initial.items()})
         self.accelerator.wait_for_everyone()
         initial = json.loads(initial_file.read_text())
+        guard, stopped = hacking_guard(self.cfg, initial), None
         self.policy.train()
         for step in tqdm(range(first, total), desc=self.stage, initial=first, total=total, disable=not self.is_main):
             self.current_step = step
             metrics = self.mean_over_ranks(self.step(step))
             if logger:
                 logger.log(step + 1, lr=self.trainables["policy"].scheduler.get_last_lr()[0], **metrics)
+            if guard:
+                guard.observe(metrics)
             if t.eval_steps and (step + 1) % t.eval_steps == 0 and step + 1 < total:
                 evaluation = self.evaluate()
                 if logger:
                     logger.log(step + 1, **{f"eval/{k}": v for k, v in evaluation.items()})
+                if guard and self.check_hacking(guard, step + 1, evaluation, logger):
+                    stopped = step + 1
+                    break
             if (step + 1) % t.save_steps == 0 or step + 1 == total:
                 self.save_checkpoint(step + 1)
 
         final = self.evaluate()
+        if guard and not stopped:
+            self.check_hacking(guard, total, final, logger)
         self.save_final()
-        metrics = {**{f"initial/{k}": v for k, v in initial.items()}, **final, "steps": total}
+        metrics = {**{f"initial/{k}": v for k, v in initial.items()}, **final, "steps": stopped or total}
+        if stopped:
+            metrics["stopped_for_reward_hacking"] = 1.0
         result = StageResult(self.stage, str(self.output_dir), metrics, time.time() - start)
         if logger:
-            logger.log(total, **{f"eval/{k}": v for k, v in final.items()})
+            logger.log(stopped or total, **{f"eval/{k}": v for k, v in final.items()})
             logger.close()
             write_json(self.output_dir / "eval.json", metrics)
             result.save()

@@ -31,6 +31,7 @@ from accelerate.utils import gather_object
 from m1_align.config import ConfigError, PPOConfig
 from m1_align.data.chat import prompt_ids
 from m1_align.logprobs import causal_lm_logprobs, pack_rows
+from m1_align.rewards.hacking import batch_reward_metrics
 from m1_align.rewards.router import RewardRouter
 from m1_align.rl.algorithms import (
     AdvantageInputs,
@@ -118,6 +119,7 @@ class Sample:
     completion: Completion
     score: float
     source: str
+    model_score: float | None = None  # the reward model's raw score, where it scored this response
 
 
 @dataclass
@@ -183,6 +185,7 @@ class PPOLoop(OnlineLoop):
                                              resolve_model_dir(cfg.reward.model))
             reward_model.requires_grad_(False).eval().to(self.device)
         self.router = RewardRouter(cfg.reward, reward_model, self.tokenizer, cfg.train.max_length)
+        self.reward_sources = sorted({self.router.source(row) for row in self.rows})
         self.prompts_per_rank = self.per_rank(p.prompts_per_step, "ppo.prompts_per_step")
         self.minibatch_size = self.per_rank(p.minibatch_size, "ppo.minibatch_size")  # on this rank
 
@@ -226,7 +229,8 @@ class PPOLoop(OnlineLoop):
         no_eos = torch.tensor([c.finish_reason != "stop" for _, _, c in flat], dtype=torch.float)
         scores = torch.tensor([r.value for r in rewards]) - p.missing_eos_penalty * no_eos
         scores = scores + overlong_penalty(lengths, self.cfg.rollout.max_new_tokens, p.overlong_buffer, p.overlong_penalty)
-        return [Sample(row, prompt, c, score, r.source) for (row, prompt, c), score, r in zip(flat, scores.tolist(), rewards, strict=True)]
+        return [Sample(row, prompt, c, score, r.source, r.model_score)
+                for (row, prompt, c), score, r in zip(flat, scores.tolist(), rewards, strict=True)]
 
     def rollout(self, step: int) -> tuple[list[Sample], dict[str, float]]:
         """This rank's samples for the step. With dynamic sampling, prompts whose samples all scored the same
@@ -373,7 +377,8 @@ class PPOLoop(OnlineLoop):
         return {k: sum(v) / len(v) for k, v in stats.items() if v}, False
 
     def step_metrics(self, samples: list[Sample], batch: RolloutBatch) -> dict[str, float]:
-        """What a step logs about its batch: rewards by source, KL, lengths, engine/trainer agreement."""
+        """What a step logs about its batch: rewards and shares by source, the reward model's length correlation,
+        KL, lengths, engine/trainer agreement."""
         n, mask = len(samples), batch.response_mask
         mean_kl = (self.reduce_sum(batch.kl.sum()) / (n * self.world_size)).item()  # per response, over all ranks
         self.kl_ctl.update(mean_kl, n * self.world_size)
@@ -381,6 +386,8 @@ class PPOLoop(OnlineLoop):
         for s in samples:
             by_source.setdefault(s.source, []).append(s.score)
         metrics = {f"reward/{k}": sum(v) / len(v) for k, v in by_source.items()}
+        metrics.update(batch_reward_metrics([s.source for s in samples], self.reward_sources,
+                                            [s.model_score for s in samples], [len(s.completion.token_ids) for s in samples]))
         if batch.returns is not None:
             var_returns = torch.var(batch.returns[mask.bool()])
             explained = 1 - torch.var((batch.returns - batch.old_values)[mask.bool()]) / var_returns.clamp_min(1e-8)
