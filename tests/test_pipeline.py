@@ -94,7 +94,7 @@ def test_every_shipped_config_validates():
 
     from m1_align.config import load_config
 
-    schema_of = {"sft": "sft", "tdpo": "tdpo", "elo": "elo", "ppo": "ppo", "rm": "rm", "grpo": "grpo", "smollm2": "pipeline",
+    schema_of = {"sft": "sft", "tdpo": "tdpo", "elo": "elo", "ppo": "ppo", "rm": "rm", "grpo": "grpo", "smollm2": "pipeline", "smollm2-medcalc": "pipeline",
                  "data": "data"}
     for path in sorted(Path("configs").rglob("*.yaml")):
         if path.parent.name == "accelerate":
