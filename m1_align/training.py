@@ -608,6 +608,16 @@ def source_model(cfg: StageConfig) -> tuple[Path, Any]:
     return model_dir, load_tokenizer(cfg.model, model_dir)
 
 
+def fresh_accelerator_state() -> None:
+    """Forget the precision an earlier stage of this process (a pipeline) set: accelerate keeps one per process
+    and refuses an Accelerator with another ("AcceleratorState has already been initialized"), so an fp32
+    stage after a bf16 one would fail. The process group (PartialState) is kept. accelerate is pinned exactly:
+    this is its private API."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=False)
+
+
 def run_trainer_stage(cfg: StageConfig, stage: str, build, evaluate) -> StageResult:
     """The steps every trainer-based stage (SFT, TDPO, RM) takes, in order: check its inputs and prepare the
     output folder; `build(cfg, output_dir, logger) -> (trainer, tokenizer, metrics)`; train, resuming from the
@@ -615,6 +625,7 @@ def run_trainer_stage(cfg: StageConfig, stage: str, build, evaluate) -> StageRes
     and result.json. What a stage keeps for itself lives in its `build` and `evaluate`."""
     start = time.time()
     output_dir = start_output_dir(cfg)
+    fresh_accelerator_state()
     logger = MetricsLogger(output_dir, run_name=stage)
     trainer, tokenizer, metrics = build(cfg, output_dir, logger)
     trainer.decay_ratio = cfg.train.decay_ratio  # read by WSDScheduleMixin

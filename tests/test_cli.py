@@ -98,7 +98,8 @@ def test_stage_help_lists_every_setting_by_section(capsys):
     out = capsys.readouterr().out
     sections = [line.split(":")[0] for line in out.split("\nsettings:")[1].splitlines()
                 if line and not line.startswith(" ") and ":" in line]
-    assert sections == ["top level", "model", "model.lora", "data", "data.medcalc", "train", "ppo", "reward", "rollout"]
+    assert sections == ["top level", "model", "model.lora", "data", "data.medcalc", "train", "ppo", "reward",
+                        "reward.hacking", "rollout"]
     for entry in ("\n  ppo.advantage_estimator={gae,grpo,dr_grpo,rloo,reinforce_pp,reinforce_pp_baseline}\n", "\n  ppo.kl_coef=FLOAT >= 0\n",
                   "\n  train.learning_rate=FLOAT > 0\n", "\n  rollout.temperature=FLOAT >= 0\n"):
         assert entry in out

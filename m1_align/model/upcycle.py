@@ -147,29 +147,21 @@ def check_source(config, source: str) -> None:
     _rope_theta(config, source)
 
 
+# what the hybrid takes from the source as it is: the shape, the vocabulary and the special tokens
+COPIED = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+          "num_key_value_heads", "rms_norm_eps", "hidden_act", "max_position_embeddings", "initializer_range",
+          "pad_token_id", "bos_token_id", "eos_token_id")
+
+
 def hybrid_config(source_config, options: UpcycleOptions, source: str = "source") -> BaichuanM1Config:
     c = source_config
     return BaichuanM1Config(
-        vocab_size=c.vocab_size,
-        hidden_size=c.hidden_size,
-        intermediate_size=c.intermediate_size,
-        num_hidden_layers=c.num_hidden_layers,
-        num_attention_heads=c.num_attention_heads,
-        num_key_value_heads=c.num_key_value_heads,
-        num_swa_attention_heads=c.num_attention_heads,
-        num_swa_key_value_heads=c.num_key_value_heads,
+        **{name: getattr(c, name) for name in COPIED},
+        # the sliding layers keep the source's head layout, so their weights are the source's too
+        num_swa_attention_heads=c.num_attention_heads, num_swa_key_value_heads=c.num_key_value_heads,
         sliding_window=options.window,
         sliding_window_layers=sliding_layer_indices(options.sliding_layers, c.num_hidden_layers),
-        rope_theta=_rope_theta(c, source),
-        rms_norm_eps=c.rms_norm_eps,
-        hidden_act=c.hidden_act,
-        max_position_embeddings=c.max_position_embeddings,
-        initializer_range=c.initializer_range,
-        tie_word_embeddings=False,
-        norm_head=options.head == "norm",
-        pad_token_id=c.pad_token_id,
-        bos_token_id=c.bos_token_id,
-        eos_token_id=c.eos_token_id,
+        rope_theta=_rope_theta(c, source), tie_word_embeddings=False, norm_head=options.head == "norm",
     )
 
 

@@ -51,6 +51,7 @@ from m1_align.training import (
     check_inputs,
     compute_dtype,
     deepspeed_file,
+    fresh_accelerator_state,
     load_model,
     load_tokenizer,
     peft_config,
@@ -430,6 +431,7 @@ class OnlineLoop:
         # `accelerate launch` with a DeepSpeed config, precision comes from that config
         precision = {} if os.environ.get("ACCELERATE_USE_DEEPSPEED") == "true" else {
             "mixed_precision": "bf16" if dtype == torch.bfloat16 else "no"}
+        fresh_accelerator_state()
         self.accelerator = Accelerator(cpu=not torch.cuda.is_available(), **precision)
         torch.manual_seed(cfg.seed)
         check_inputs(cfg)  # on every rank, so a bad input stops them all before anything is written

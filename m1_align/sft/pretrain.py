@@ -25,6 +25,7 @@ from m1_align.training import (
     MetricsCallback,
     compile_layers,
     finish_stage,
+    fresh_accelerator_state,
     last_checkpoint,
     resolve_dtype,
     save_final,
@@ -80,6 +81,7 @@ def run(cfg: PretrainConfig) -> StageResult:
         eval_packing=True,
         eos_token=tokenizer.eos_token,
     )
+    fresh_accelerator_state()
     set_seed(cfg.seed)  # the model's initial weights: torch seeds itself at random in every new process
     trainer = M1SFTTrainer(  # packed rows and the output head as in SFT
         model=base_model(cfg, tokenizer),
