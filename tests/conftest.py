@@ -111,3 +111,18 @@ def tiny_llama_dir(tokenizer_dir, tmp_path_factory):
     model.save_pretrained(str(out))
     tok.save_pretrained(str(out))
     return out
+
+
+class CharTokenizer:
+    """A tokenizer stand-in for reward-model scoring: one token per character, so a response's length is its score
+    under a reward model that sums its attention mask."""
+
+    def apply_chat_template(self, messages, tokenize=False):
+        return "".join(m["content"] for m in messages)
+
+    def __call__(self, texts, **kwargs):
+        import torch
+
+        width = max(len(t) for t in texts)
+        ids = torch.tensor([[1] * len(t) + [0] * (width - len(t)) for t in texts])
+        return {"input_ids": ids, "attention_mask": (ids > 0).long()}

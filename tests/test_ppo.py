@@ -4,6 +4,7 @@ import math
 
 import pytest
 import torch
+from conftest import CharTokenizer
 
 from m1_align.config import RewardSection
 from m1_align.rewards.router import RewardRouter
@@ -86,16 +87,6 @@ class ConstantRM(torch.nn.Module):
 
     def forward(self, input_ids, attention_mask=None):
         return type("Out", (), {"logits": torch.full((input_ids.shape[0], 1), 0.25)})()
-
-
-class CharTokenizer:
-    def apply_chat_template(self, messages, tokenize=False):
-        return "".join(m["content"] for m in messages)
-
-    def __call__(self, texts, **kwargs):
-        width = max(len(t) for t in texts)
-        ids = torch.tensor([[1] * len(t) + [0] * (width - len(t)) for t in texts])
-        return {"input_ids": ids, "attention_mask": (ids > 0).long()}
 
 
 ROWS = [

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import CharTokenizer
 
 from m1_align.config import ConfigError, DataConfig, HackingGuardSection, PPOConfig, RewardSection, validate
 from m1_align.data.build import build_datasets, read_split_rows
@@ -116,16 +117,6 @@ class LengthRM(torch.nn.Module):
 
     def forward(self, input_ids, attention_mask=None):
         return type("Out", (), {"logits": attention_mask.sum(-1, keepdim=True).float()})()
-
-
-class CharTokenizer:
-    def apply_chat_template(self, messages, tokenize=False):
-        return "".join(m["content"] for m in messages)
-
-    def __call__(self, texts, **kwargs):
-        width = max(len(t) for t in texts)
-        ids = torch.tensor([[1] * len(t) + [0] * (width - len(t)) for t in texts])
-        return {"input_ids": ids, "attention_mask": (ids > 0).long()}
 
 
 def test_length_penalty_on_model_scores_only():
